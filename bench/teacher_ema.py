@@ -1,0 +1,76 @@
+"""Per-step cost of the teacher EMA inside the compiled CARP train step, on the active Keras backend.
+
+Times fit() steps of the same model with the EMA update on and off (off =
+an empty list of pairs, everything else identical) and prints the difference.
+Usage: KERAS_BACKEND=jax python bench/teacher_ema.py [--backbone resnet_tiny --batch 64 --size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_carp  # noqa: E402
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        float(keras.ops.convert_to_numpy(logs["loss"]))  # wait for the step
+        self.times.append(time.perf_counter() - self._start)
+
+
+def time_steps(with_ema: bool, args) -> tuple[float, float, int]:
+    keras.utils.set_random_seed(0)
+    model = keras_carp.CARP(
+        keras_carp.build_encoder(args.backbone),
+        keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=128),
+        block_size=args.block_size,
+    )
+    num_pairs = len(model.ema_pairs)
+    if not with_ema:
+        model.ema_pairs = []
+    model.compile(optimizer=keras_carp.LARS(0.1))
+    rng = np.random.default_rng(0)
+    n = args.batch * (args.steps + args.warmup)
+    views = tuple(rng.normal(size=(n, args.size, args.size, 3)).astype("float32") for _ in range(2))
+    timer = StepTimer()
+    model.fit(x=views, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+    steady = np.array(timer.times[args.warmup :])
+    return float(np.median(steady)), float(np.percentile(steady, 90)), num_pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="resnet_tiny")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    on_median, on_p90, pairs = time_steps(True, args)
+    off_median, off_p90, _ = time_steps(False, args)
+    print(f"backend={keras.backend.backend()} backbone={args.backbone} batch={args.batch} size={args.size} K={args.k}")
+    print(f"EMA pairs (trainable variables averaged): {pairs}")
+    print(f"step with EMA    median {1e3 * on_median:8.1f} ms  p90 {1e3 * on_p90:8.1f} ms")
+    print(f"step without EMA median {1e3 * off_median:8.1f} ms  p90 {1e3 * off_p90:8.1f} ms")
+    print(f"EMA overhead per step: {1e3 * (on_median - off_median):+.2f} ms ({100 * (on_median / off_median - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""keras-carp: CARP self-supervised learning (Consistent Assignment of views over Random Partitions) for Keras 3."""
+
+from keras_carp import backbones, callbacks, losses, optimizers, schedules
+from keras_carp.backbones import build_encoder
+from keras_carp.callbacks import TeacherEMA
+from keras_carp.heads import CARPHead
+from keras_carp.losses import CARPLoss, carp_loss, partition_probs
+from keras_carp.model import CARP
+from keras_carp.optimizers import LARS
+from keras_carp.schedules import WarmupCosineDecay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CARP",
+    "CARPHead",
+    "CARPLoss",
+    "LARS",
+    "TeacherEMA",
+    "WarmupCosineDecay",
+    "backbones",
+    "build_encoder",
+    "callbacks",
+    "carp_loss",
+    "losses",
+    "optimizers",
+    "partition_probs",
+    "schedules",
+]

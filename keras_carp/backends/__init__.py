@@ -1,0 +1,36 @@
+"""Per-backend train-step mechanics: gradients, optimizer update and the teacher EMA.
+
+``keras_carp.model.CARP`` writes the method once with ``keras.ops``; the
+module for the active backend (``keras.backend.backend()``) supplies only how
+gradients are taken and state is updated, as Keras' own trainers do.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+
+_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def _module():
+    name = keras.backend.backend()
+    if name not in _MODULES:
+        raise NotImplementedError(f"keras_carp supports the tensorflow, jax and torch backends, not {name!r}.")
+    return importlib.import_module(f"keras_carp.backends.{_MODULES[name]}")
+
+
+def train_step(model, *args):
+    """Run the active backend's CARP train step."""
+    return _module().train_step(model, *args)
+
+
+def stateful_logs(model, logs: dict, step, momentum) -> dict:
+    """Update the model's trackers in place and return the step's logs (TensorFlow, torch)."""
+    for tracker in model.trackers:
+        tracker.update_state(logs[tracker.name])
+    results = {tracker.name: tracker.result() for tracker in model.trackers}
+    results["teacher_momentum"] = momentum
+    results["learning_rate"] = model.current_learning_rate(step)
+    return results

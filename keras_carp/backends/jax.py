@@ -1,0 +1,57 @@
+"""JAX train step: a pure function of (trainable, non-trainable, optimizer, metric) state.
+
+The forward runs under ``keras.StatelessScope`` so that batch-norm statistics
+(student and teacher) come back as new state; the teacher EMA is applied to the
+teacher's entries of the non-trainable state, so ``fit`` carries it forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import keras
+from keras import ops
+
+
+def _index_of(variables) -> dict:
+    return {id(v): i for i, v in enumerate(variables)}
+
+
+def train_step(model, state, data):
+    trainable, non_trainable, optimizer_state, metric_state = state
+    optimizer = model.optimizer
+    step = ops.cast(optimizer_state[_index_of(optimizer.variables)[id(optimizer.iterations)]], "int32")
+
+    def scaled_loss(trainable, non_trainable):
+        mapping = (
+            list(zip(model.trainable_variables, trainable))
+            + list(zip(model.non_trainable_variables, non_trainable))
+            + list(zip(optimizer.variables, optimizer_state))
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            logs = model.compute_carp_losses(data, step, training=True)
+            loss = optimizer.scale_loss(logs["loss"])
+        return loss, (logs, [scope.get_current_value(v) for v in model.non_trainable_variables])
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
+    (_, (logs, non_trainable)), gradients = grad_fn(trainable, non_trainable)
+    trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, gradients, trainable)
+
+    momentum = model.teacher_momentum(step)
+    trainable_index = _index_of(model.trainable_variables)
+    non_trainable_index = _index_of(model.non_trainable_variables)
+    non_trainable = list(non_trainable)
+    for student, teacher in model.ema_pairs:
+        t, s = non_trainable_index[id(teacher)], trainable_index[id(student)]
+        non_trainable[t] = momentum * non_trainable[t] + (1.0 - momentum) * trainable[s]
+
+    results, new_metric_state, offset = {}, [], 0
+    for tracker in model.trackers:
+        tracker_state = metric_state[offset : offset + len(tracker.variables)]
+        offset += len(tracker.variables)
+        tracker_state = tracker.stateless_update_state(tracker_state, logs[tracker.name])
+        results[tracker.name] = tracker.stateless_result(tracker_state)
+        new_metric_state.extend(tracker_state)
+    results["teacher_momentum"] = momentum
+    with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, optimizer_state))):
+        results["learning_rate"] = model.current_learning_rate(step)
+    return results, (trainable, non_trainable, optimizer_state, new_metric_state)

@@ -1,0 +1,149 @@
+"""The CARP view generator (BYOL/DINO recipe) in TensorFlow ops, with stateless per-image seeds.
+
+Global crops: random resized crop (scale 0.2-1.0, bicubic), flip p=0.5, colour
+jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
+sigma in [0.1, 2.0] with p=1.0 on view 1 and p=0.1 on view 2, solarisation p=0.2
+on view 2 only. Local crops: scale 0.05-0.2, same flip/jitter/grayscale, blur
+p=0.5. Then ImageNet normalisation. Images enter as float32 in [0, 1], [H, W, 3].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images):
+    """[0, 1] RGB -> ImageNet-normalised float32."""
+    return (tf.cast(images, tf.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _uniform(seed, low=0.0, high=1.0):
+    return tf.random.stateless_uniform([], seed=seed, minval=low, maxval=high)
+
+
+def random_resized_crop(image, size: int, scale, ratio, seed):
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; bicubic resize to size x size."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    crop = tf.slice(image, begin, crop_size)
+    return tf.clip_by_value(tf.image.resize(crop, (size, size), method="bicubic"), 0.0, 1.0)
+
+
+def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """torchvision-style jitter: factors drawn around 1 (brightness/contrast/saturation), hue shift."""
+    image = image * _uniform(seeds[0], 1 - brightness, 1 + brightness)
+    mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+    image = tf.clip_by_value((image - mean) * _uniform(seeds[1], 1 - contrast, 1 + contrast) + mean, 0.0, 1.0)
+    image = tf.image.adjust_saturation(image, _uniform(seeds[2], 1 - saturation, 1 + saturation))
+    image = tf.image.adjust_hue(image, _uniform(seeds[3], -hue, hue))
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def gaussian_blur(image, sigma):
+    """Separable Gaussian blur with a kernel of 2 * ceil(3 * sigma) + 1 taps (reflect padding)."""
+    radius = tf.cast(tf.math.ceil(3.0 * sigma), tf.int32)
+    taps = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps / sigma))
+    kernel /= tf.reduce_sum(kernel)
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    channels = tf.shape(image)[-1]
+    horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    blurred = tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1], "VALID")
+    blurred = tf.nn.depthwise_conv2d(blurred, vertical, [1, 1, 1, 1], "VALID")
+    return blurred[0]
+
+
+def _maybe(probability: float, seed, fn, image):
+    if probability <= 0.0:
+        return image
+    if probability >= 1.0:
+        return fn(image)
+    return tf.cond(_uniform(seed) < probability, lambda: fn(image), lambda: image)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiCropAugmentation:
+    """CARP's views of one image: 2 global crops then ``num_local_crops`` local crops.
+
+    Sizes, counts and scale ranges are configurable (2x224 + 6x96 for ImageNet,
+    2x32 for small images). Call with a float32 image in [0, 1] and a stateless
+    seed [2]; returns a tuple of normalised crops.
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    num_global_crops: int = 2
+    num_local_crops: int = 6
+    global_scale: tuple = (0.2, 1.0)
+    local_scale: tuple = (0.05, 0.2)
+    ratio: tuple = (3 / 4, 4 / 3)
+    blur_sigma: tuple = (0.1, 2.0)
+    blur_probability: tuple = (1.0, 0.1, 0.5)  # view 1, view 2, local crops
+    solarize_probability: float = 0.2  # view 2 only
+    jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
+
+    def __post_init__(self):
+        if self.num_global_crops != 2:
+            raise ValueError(
+                f"CARP uses exactly 2 global crops (the teacher's views), got num_global_crops={self.num_global_crops}."
+            )
+        if self.num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
+        for name in ("global_size", "local_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(low, high)}.")
+
+    @property
+    def num_crops(self) -> int:
+        return self.num_global_crops + self.num_local_crops
+
+    def view(self, image, seed, size: int, scale, blur_probability: float, solarize_probability: float):
+        """One augmented, normalised crop."""
+        seeds = tf.random.experimental.stateless_split(seed, 10)
+        x = random_resized_crop(image, size, scale, self.ratio, seeds[0])
+        x = tf.image.stateless_random_flip_left_right(x, seeds[1])
+        x = _maybe(self.jitter_probability, seeds[2], lambda y: color_jitter(y, seeds[3:7]), x)
+        x = _maybe(self.grayscale_probability, seeds[7], lambda y: tf.tile(tf.image.rgb_to_grayscale(y), [1, 1, 3]), x)
+        sigma = _uniform(seeds[8], *self.blur_sigma)
+        x = _maybe(blur_probability, seeds[9], lambda y: gaussian_blur(y, sigma), x)
+        solarize_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        x = _maybe(solarize_probability, solarize_seed, lambda y: tf.where(y < 0.5, y, 1.0 - y), x)
+        x = tf.ensure_shape(x, (size, size, 3))
+        return normalize(x)
+
+    def __call__(self, image, seed):
+        image = tf.convert_to_tensor(image, tf.float32)
+        seeds = tf.random.experimental.stateless_split(seed, self.num_crops)
+        view_1, view_2, local_blur = self.blur_probability
+        crops = [
+            self.view(image, seeds[0], self.global_size, self.global_scale, view_1, 0.0),
+            self.view(image, seeds[1], self.global_size, self.global_scale, view_2, self.solarize_probability),
+        ]
+        for index in range(self.num_local_crops):
+            crops.append(self.view(image, seeds[2 + index], self.local_size, self.local_scale, local_blur, 0.0))
+        return tuple(crops)
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """Taps used by ``gaussian_blur`` for a given sigma (for documentation and tests)."""
+    return 2 * math.ceil(3 * sigma) + 1

@@ -1,0 +1,227 @@
+"""CARP(keras.Model): student and teacher, views -> logits -> partition -> loss.
+
+The method is written once here with ``keras.ops``; only "compute the gradients
+and apply them" differs between backends and lives in ``keras_carp.backends``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import ops
+
+from keras_carp import backends
+from keras_carp.callbacks import TeacherEMA
+from keras_carp.heads import CARPHead
+from keras_carp.losses import block_softmax, carp_loss_from_probs, check_partition
+from keras_carp.partition import random_permutation, sequential_permutation
+
+PARTITIONS = ("random", "fixed")
+TRACKED = ("loss", "consistency", "entropy", "prototypes_used")
+
+
+def _freeze_keeping_batch_statistics(network: keras.layers.Layer) -> None:
+    """Make every weight non-trainable while BN still normalises with batch statistics.
+
+    Keras' BatchNormalization uses its moving averages when ``trainable`` is
+    False; the CARP teacher runs in training mode (batch statistics, as in the
+    released code) although it never gets gradients.
+    """
+    network.trainable = False
+    for layer in network._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer._trainable = True
+
+
+def views_from_data(data) -> list:
+    """The list of crops from what the dataset yields: ``(crops, label)``, ``(crops,)``, crops, or a dict."""
+    if isinstance(data, dict):
+        data = data["views"]
+    elif isinstance(data, (tuple, list)) and data and isinstance(data[0], (tuple, list)):
+        data = data[0]
+    views = list(data) if isinstance(data, (tuple, list)) else [data]
+    if len(views) < 2:
+        raise ValueError(
+            f"CARP needs at least the 2 global crops of each image, got {len(views)} view(s); "
+            "feed batches of (crop_0, crop_1, *local_crops), optionally followed by labels."
+        )
+    for index, view in enumerate(views):
+        if len(view.shape) != 4:
+            raise ValueError(f"Crop {index} must be a batch of images [N, H, W, C], got shape {view.shape}.")
+    return views
+
+
+def _resolution_groups(views: Sequence) -> list[list[int]]:
+    """Indices of crops that share a resolution, in first-seen order; the 2 global crops always together."""
+    groups: dict = {"global": [0, 1]}
+    for index, view in enumerate(views[2:], start=2):
+        height, width = view.shape[1], view.shape[2]
+        key = (height, width) if height is not None and width is not None else ("crop", index)
+        if key == tuple(views[0].shape[1:3]) and None not in key:
+            key = "global"
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+@keras.saving.register_keras_serializable(package="keras_carp")
+class CARP(keras.Model):
+    """Consistent Assignment of views over Random Partitions.
+
+    A student (encoder + ``CARPHead``) trained by gradient descent and a teacher
+    copy (identical at start, never trained, updated by ``TeacherEMA``). Each
+    step runs every crop through the student (once per resolution) and the two
+    global crops through the teacher, draws the partition from (seed, step),
+    and minimises ``carp_loss``.
+
+    Args:
+        encoder: image encoder returning pooled features [N, D] for any
+            resolution (see ``keras_carp.backbones``).
+        head: a ``CARPHead``; default ``CARPHead()`` (K = 65536).
+        block_size: N_B (512), which must divide K.
+        partition: "random" (redrawn every step) or "fixed" (made once,
+            sequential: the Table 7 ablation).
+        seed: key of the stateless partition RNG.
+
+    Feed ``fit`` batches of ``(crop_0, crop_1, *local_crops)``, optionally as
+    ``((crops...), labels)``; labels never reach the loss. ``model(images)``
+    returns the teacher's features.
+    """
+
+    def __init__(
+        self,
+        encoder: keras.Model,
+        head: CARPHead | None = None,
+        block_size: int = 512,
+        partition: str = "random",
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        head = head if head is not None else CARPHead()
+        check_partition(head.num_prototypes, block_size)
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}.")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}.")
+        self.block_size = int(block_size)
+        self.partition = partition
+        self.seed = seed
+        self.num_prototypes = head.num_prototypes
+
+        feature_dim = encoder.output_shape[-1]
+        self.student_encoder = encoder
+        self.student_head = head
+        if not head.built:
+            head.build((None, feature_dim))
+        self.teacher_encoder = keras.models.clone_model(encoder)
+        self.teacher_head = CARPHead.from_config(head.get_config())
+        self.teacher_head.build((None, feature_dim))
+        student_weights = encoder.weights + head.weights
+        teacher_weights = self.teacher_encoder.weights + self.teacher_head.weights
+        if [w.shape for w in student_weights] != [w.shape for w in teacher_weights]:
+            raise ValueError("The teacher copy of the encoder does not mirror the student's weights.")
+        for teacher_weight, student_weight in zip(teacher_weights, student_weights):
+            teacher_weight.assign(ops.copy(student_weight))  # own buffer (JAX donates state)
+        _freeze_keeping_batch_statistics(self.teacher_encoder)
+        _freeze_keeping_batch_statistics(self.teacher_head)
+        # (student, teacher) pairs averaged by the EMA: trainable weights only.
+        self.ema_pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
+
+        self.trackers = [keras.metrics.Mean(name=name) for name in TRACKED]
+        self.teacher_ema: TeacherEMA | None = None
+        self.built = True
+
+    # ----------------------------------------------------------------- method
+    def partition_permutation(self, step):
+        """The step's prototype order: random from (seed, step), or fixed and sequential."""
+        if self.partition == "fixed":
+            return sequential_permutation(self.num_prototypes)
+        return random_permutation(self.num_prototypes, self.seed, step)
+
+    def compute_carp_losses(self, data, step, training: bool = True, global_sum=None) -> dict:
+        """Forward both networks on a batch of crops and return the loss terms.
+
+        Returns float32 scalars ``loss``, ``consistency``, ``entropy`` and
+        ``prototypes_used`` (distinct prototypes that are the teacher's argmax
+        for some image: a collapse indicator).
+        """
+        views = views_from_data(data)
+        permutation = self.partition_permutation(step)
+        student_logits: list = [None] * len(views)
+        for indices in _resolution_groups(views):
+            batch = ops.concatenate([views[i] for i in indices], axis=0)
+            features = self.student_encoder(batch, training=training)
+            logits = self.student_head(features, training=training, permutation=permutation)
+            for index, chunk in zip(indices, ops.split(logits, len(indices), axis=0)):
+                student_logits[index] = chunk
+        teacher_batch = ops.concatenate(views[:2], axis=0)
+        teacher_features = self.teacher_encoder(teacher_batch, training=training)
+        teacher_logits = ops.stop_gradient(
+            self.teacher_head(teacher_features, training=training, permutation=permutation)
+        )
+        student_probs = [block_softmax(x, self.block_size) for x in student_logits]
+        teacher_probs = [block_softmax(x, self.block_size) for x in ops.split(teacher_logits, 2, axis=0)]
+        logs = carp_loss_from_probs(student_probs, teacher_probs, global_sum)
+        assignments = ops.one_hot(ops.argmax(teacher_logits, axis=-1), self.num_prototypes, dtype="float32")
+        logs["prototypes_used"] = ops.sum(ops.cast(ops.max(assignments, axis=0) > 0, "float32"))
+        return logs
+
+    # -------------------------------------------------------- training glue
+    def attach_teacher_ema(self, teacher_ema: TeacherEMA) -> None:
+        """Use ``teacher_ema``'s schedule in the train step (retraces the step if it changed)."""
+        if self.teacher_ema is not teacher_ema:
+            self.teacher_ema = teacher_ema
+            self.make_train_function(force=True)
+
+    def teacher_momentum(self, step):
+        return (self.teacher_ema or TeacherEMA()).momentum(step)
+
+    def current_learning_rate(self, step):
+        """The learning rate applied at ``step`` (for the logs)."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        rate = optimizer._learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return ops.cast(rate(step), "float32")
+        return ops.cast(ops.convert_to_tensor(rate), "float32")
+
+    @property
+    def metrics(self):
+        return list(self.trackers)
+
+    def train_step(self, *args):
+        return backends.train_step(self, *args)
+
+    def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
+        """``keras.Model.compile``; "auto" compiles the step with XLA on TensorFlow and JAX."""
+        if jit_compile == "auto":
+            jit_compile = keras.backend.backend() in ("tensorflow", "jax")
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """``keras.Model.fit``, with a default ``TeacherEMA()`` when none is given."""
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, TeacherEMA) for c in callbacks):
+            callbacks.append(TeacherEMA())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def call(self, images, training=False):
+        """Pooled features of the teacher encoder (the one exported and evaluated)."""
+        return self.teacher_encoder(images, training=training)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "encoder": keras.saving.serialize_keras_object(self.student_encoder),
+            "head": keras.saving.serialize_keras_object(self.student_head),
+            "block_size": self.block_size,
+            "partition": self.partition,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> CARP:
+        config = dict(config)
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        config["head"] = keras.saving.deserialize_keras_object(config["head"])
+        return cls(**config)
