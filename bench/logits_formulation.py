@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    print(f"K={args.k} N_B={args.block_size} batch={args.batch} d={args.dim} device={tf.config.list_logical_devices()[0].name}")
+    device = tf.config.list_logical_devices()[0].name
+    print(f"K={args.k} N_B={args.block_size} batch={args.batch} d={args.dim} device={device}")
     print(f"{'formulation':<12}{'median ms':>12}{'p90 ms':>10}{'compile s':>11}{'loss':>10}")
     for formulation in ("gather", "permute"):
         median, p90, compile_s, loss = time_formulation(

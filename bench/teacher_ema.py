@@ -1,7 +1,7 @@
 """Per-step cost of the teacher EMA inside the compiled CARP train step, on the active Keras backend.
 
-Times fit() steps of the same model with the EMA update on and off (off =
-an empty list of pairs, everything else identical) and prints the difference.
+Times fit() steps of two identical models, one with the EMA update and one
+without (an empty list of pairs), alternating rounds, and prints the difference.
 Usage: KERAS_BACKEND=jax python bench/teacher_ema.py [--backbone resnet_tiny --batch 64 --size 32]
 """
 
@@ -32,24 +32,23 @@ class StepTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def time_steps(with_ema: bool, args) -> tuple[float, float, int]:
+def build(with_ema: bool, args) -> keras_carp.CARP:
     keras.utils.set_random_seed(0)
     model = keras_carp.CARP(
         keras_carp.build_encoder(args.backbone),
         keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=128),
         block_size=args.block_size,
     )
-    num_pairs = len(model.ema_pairs)
     if not with_ema:
         model.ema_pairs = []
     model.compile(optimizer=keras_carp.LARS(0.1))
-    rng = np.random.default_rng(0)
-    n = args.batch * (args.steps + args.warmup)
-    views = tuple(rng.normal(size=(n, args.size, args.size, 3)).astype("float32") for _ in range(2))
+    return model
+
+
+def time_steps(model, views, ema, args) -> list[float]:
     timer = StepTimer()
-    model.fit(x=views, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-    steady = np.array(timer.times[args.warmup :])
-    return float(np.median(steady)), float(np.percentile(steady, 90)), num_pairs
+    model.fit(x=views, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=[ema, timer])
+    return timer.times[args.warmup :]
 
 
 def main() -> None:
@@ -62,14 +61,27 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    on_median, on_p90, pairs = time_steps(True, args)
-    off_median, off_p90, _ = time_steps(False, args)
+    rng = np.random.default_rng(0)
+    n = args.batch * (args.steps + args.warmup)
+    views = tuple(rng.normal(size=(n, args.size, args.size, 3)).astype("float32") for _ in range(2))
+    models = {True: build(True, args), False: build(False, args)}
+    pairs = len(models[True].ema_pairs)
+    ema = keras_carp.TeacherEMA(total_steps=10**6)  # one instance: no retrace between rounds
+    times = {True: [], False: []}
+    for _ in range(args.rounds):  # alternate so that drift in machine state hits both alike
+        for with_ema, model in models.items():
+            times[with_ema] += time_steps(model, views, ema, args)
+    on_median, on_p90 = np.median(times[True]), np.percentile(times[True], 90)
+    off_median, off_p90 = np.median(times[False]), np.percentile(times[False], 90)
     print(f"backend={keras.backend.backend()} backbone={args.backbone} batch={args.batch} size={args.size} K={args.k}")
     print(f"EMA pairs (trainable variables averaged): {pairs}")
     print(f"step with EMA    median {1e3 * on_median:8.1f} ms  p90 {1e3 * on_p90:8.1f} ms")
     print(f"step without EMA median {1e3 * off_median:8.1f} ms  p90 {1e3 * off_p90:8.1f} ms")
-    print(f"EMA overhead per step: {1e3 * (on_median - off_median):+.2f} ms ({100 * (on_median / off_median - 1):+.1f}%)")
+    print(
+        f"EMA overhead per step: {1e3 * (on_median - off_median):+.2f} ms ({100 * (on_median / off_median - 1):+.1f}%)"
+    )
 
 
 if __name__ == "__main__":

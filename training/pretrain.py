@@ -125,7 +125,6 @@ def run(config: dict) -> dict:
     history = model.fit(
         dataset,
         epochs=config["epochs"],
-        steps_per_epoch=steps_per_epoch,
         callbacks=[
             keras_carp.TeacherEMA(config["base_teacher_momentum"], config["final_teacher_momentum"]),
             keras.callbacks.CSVLogger(str(out / "training_log.csv")),

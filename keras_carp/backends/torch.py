@@ -19,8 +19,9 @@ def train_step(model, data):
     with torch.no_grad():
         model.optimizer.apply(gradients, trainable)
         momentum = model.teacher_momentum(step)
-        teacher = [t.value for _, t in model.ema_pairs]
-        student = [s.value for s, _ in model.ema_pairs]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - momentum))
+        if model.ema_pairs:
+            teacher = [t.value for _, t in model.ema_pairs]
+            student = [s.value for s, _ in model.ema_pairs]
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - momentum))
     return stateful_logs(model, logs, step, momentum)
