@@ -139,3 +139,21 @@ def test_config_round_trip_and_keras_file(tmp_path):
     loaded = keras.saving.load_model(path)
     images = random_views(batch=4)[0]
     np.testing.assert_allclose(to_numpy(loaded(images)), to_numpy(model(images)), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_keeps_probabilities_and_loss_in_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = tiny_model()
+        logs = model.compute_carp_losses(random_views(batch=4), 0, training=True)
+        for key in ("loss", "consistency", "entropy"):
+            assert keras.backend.standardize_dtype(logs[key].dtype) == "float32"
+        features = model.student_encoder(random_views(batch=4)[0])
+        logits = model.student_head(features)
+        assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+        probs = keras_carp.partition_probs(logits, keras.ops.arange(64, dtype="int32"), 16)
+        assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+        history = _fit(model, random_views(batch=8))
+        assert np.isfinite(history.history["loss"][-1])
+    finally:
+        keras.config.set_dtype_policy("float32")
