@@ -10,7 +10,6 @@ p=0.5. Then ImageNet normalisation. Images enter as float32 in [0, 1], [H, W, 3]
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import tensorflow as tf
 
@@ -142,8 +141,3 @@ class MultiCropAugmentation:
         for index in range(self.num_local_crops):
             crops.append(self.view(image, seeds[2 + index], self.local_size, self.local_scale, local_blur, 0.0))
         return tuple(crops)
-
-
-def blur_kernel_size(sigma: float) -> int:
-    """Taps used by ``gaussian_blur`` for a given sigma (for documentation and tests)."""
-    return 2 * math.ceil(3 * sigma) + 1
