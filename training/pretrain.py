@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,14 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_config(argv: list[str] | None = None) -> dict:
     """The preset named by --preset, with every field overridable by its own flag."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -41,11 +50,19 @@ def parse_config(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(prog="carp-pretrain", description=__doc__.splitlines()[0], parents=[pre])
     parser.add_argument("--output-dir", default=None, help="run directory (default: runs/<preset>-<time>)")
+    data = parser.add_argument_group("data (see keras_carp.data.load_source)")
+    data.add_argument("--data-dir", default=None, help="TFDS data_dir, image folder, or Fashion-MNIST IDX folder")
+    data.add_argument("--split", default="train", help="split to pretrain on (TFDS split string or subfolder)")
+    data.add_argument("--eval-split", default="test", help="labelled split for k-NN queries ('' to skip k-NN)")
+    data.add_argument("--download", type=_boolean, default=True, help="let TFDS download and prepare the dataset")
+    data.add_argument("--min-image-size", type=int, default=None, help="smaller images are an error (0: upsample)")
+    data.add_argument("--decode", choices=("once", "crop"), default="once", help="JPEG decoding per image or crop")
+    data.add_argument("--cache", type=_boolean, default=False, help="cache encoded images in memory")
     for key, value in preset.items():
         if key == "description":
             continue
         if isinstance(value, bool):
-            parser.add_argument(_flag(key), type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
+            parser.add_argument(_flag(key), type=_boolean, default=value)
         elif isinstance(value, list):
             parser.add_argument(_flag(key), type=type(value[0]), nargs=len(value), default=value)
         else:
@@ -73,15 +90,17 @@ def run(config: dict) -> dict:
     import keras
 
     import keras_carp
-    from keras_carp.data import MultiCropAugmentation, load_digits, multicrop_dataset, normalize
-    from keras_carp.evaluation import extract_features, weighted_knn
+    from keras_carp.data import (
+        MultiCropAugmentation,
+        SkippedImagesLogger,
+        eval_dataset,
+        load_source,
+        multicrop_dataset,
+    )
+    from keras_carp.evaluation import extract_labelled_features, weighted_knn
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
-    if config["dataset"] != "digits":
-        raise SystemExit(f"carp-pretrain: dataset {config['dataset']!r} is not available yet (digits is).")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     keras.utils.set_random_seed(config["seed"])
-
     augmentation = MultiCropAugmentation(
         global_size=config["global_size"],
         local_size=config["local_size"],
@@ -90,14 +109,35 @@ def run(config: dict) -> dict:
         local_scale=tuple(config["local_scale"]),
         blur_sigma=tuple(config["blur_sigma"]),
     )
+
+    # Every data problem (unknown name, missing files, small images, empty folder) surfaces here, before training.
+    def source(split: str):
+        return load_source(config["dataset"], split, config["data_dir"], config.get("image_size"),
+                           download=config["download"], seed=config["seed"])  # fmt: skip
+
+    try:
+        train_source = source(config["split"])
+        dataset = multicrop_dataset(
+            train_source,
+            augmentation,
+            config["batch_size"],
+            seed=config["seed"],
+            cache=config["cache"],
+            decode=config["decode"],
+            min_image_size=config["min_image_size"],
+        )
+        eval_source = source(config["eval_split"]) if config["eval_split"] and train_source.has_labels else None
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"carp-pretrain: {error}") from None
+    logging.getLogger("keras_carp").info("pretraining on %r", train_source)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
     head = keras_carp.CARPHead(
         num_prototypes=config["num_prototypes"],
         hidden_dim=config["hidden_dim"],
         bottleneck_dim=config["bottleneck_dim"],
     )
-    (x_train, y_train), (x_test, y_test) = load_digits(config["image_size"], seed=config["seed"])
-    dataset = multicrop_dataset(x_train, augmentation, config["batch_size"], labels=y_train, seed=config["seed"])
-    steps_per_epoch = len(x_train) // config["batch_size"]
+    steps_per_epoch = train_source.num_examples // config["batch_size"]
     total_steps = steps_per_epoch * config["epochs"]
     model = keras_carp.CARP(
         keras_carp.build_encoder(config["backbone"]),
@@ -107,10 +147,23 @@ def run(config: dict) -> dict:
         seed=config["seed"],
     )
 
-    def knn(encoder) -> dict:
-        train = extract_features(encoder, x_train, preprocess=normalize)
-        test = extract_features(encoder, x_test, preprocess=normalize)
-        return weighted_knn(train, y_train, test, y_test, k=config["knn_k"], temperature=config["knn_temperature"])
+    def knn(encoder) -> dict | None:
+        if eval_source is None:
+            return None
+        size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
+        bank = eval_dataset(train_source, size, crop_fraction=crop_fraction)
+        queries = eval_dataset(eval_source, size, crop_fraction=crop_fraction)
+        train_features, train_labels = extract_labelled_features(encoder, bank)
+        test_features, test_labels = extract_labelled_features(encoder, queries)
+        return weighted_knn(
+            train_features,
+            train_labels,
+            test_features,
+            test_labels,
+            k=config["knn_k"],
+            temperature=config["knn_temperature"],
+            num_classes=len(train_source.class_names),
+        )
 
     random_init = knn(model.teacher_encoder)
     schedule = keras_carp.WarmupCosineDecay(
@@ -126,7 +179,10 @@ def run(config: dict) -> dict:
         dataset,
         epochs=config["epochs"],
         callbacks=[
-            keras_carp.TeacherEMA(config["base_teacher_momentum"], config["final_teacher_momentum"]),
+            keras_carp.TeacherEMA(
+                config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
+            ),
+            SkippedImagesLogger(train_source),
             keras.callbacks.CSVLogger(str(out / "training_log.csv")),
         ],
     )
@@ -135,27 +191,38 @@ def run(config: dict) -> dict:
     model.save(out / "model.keras")
     summary = {
         "preset": config["preset"],
+        "dataset": train_source.name,
         "backend": keras.backend.backend(),
-        "knn_top1": learned["top1"],
-        "knn_top5": learned["top5"],
-        "knn_top1_random_init": random_init["top1"],
-        "knn_top5_random_init": random_init["top5"],
-        "knn_k": config["knn_k"],
+        "train_images": train_source.num_examples,
+        "skipped_images": train_source.skipped.count,
         "train_seconds": round(train_seconds, 1),
         "final_loss": float(history.history["loss"][-1]),
         "output_dir": str(out),
     }
+    if learned is not None:
+        summary.update(
+            knn_top1=learned["top1"],
+            knn_top5=learned["top5"],
+            knn_top1_random_init=random_init["top1"],
+            knn_top5_random_init=random_init["top5"],
+            knn_k=config["knn_k"],
+            eval_split=config["eval_split"],
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(argv)
     summary = run(config)
-    k = summary["knn_k"]
-    print(f"\nweighted k-NN (k={k}, T={config['knn_temperature']}) top-1 on the {config['dataset']} test split:")
-    print(f"  CARP encoder (teacher):     {summary['knn_top1']:.2f}%")
-    print(f"  same encoder, random init:  {summary['knn_top1_random_init']:.2f}%")
+    if "knn_top1" in summary:
+        k, split = summary["knn_k"], summary["eval_split"]
+        print(f"\nweighted k-NN (k={k}, T={config['knn_temperature']}) top-1 on the {config['dataset']} {split} split:")
+        print(f"  CARP encoder (teacher):     {summary['knn_top1']:.2f}%")
+        print(f"  same encoder, random init:  {summary['knn_top1_random_init']:.2f}%")
+    else:
+        print("\nno labelled evaluation split: k-NN skipped")
     print(f"summary and model.keras in {summary['output_dir']}")
     return 0
 

@@ -26,10 +26,15 @@ def _uniform(seed, low=0.0, high=1.0):
     return tf.random.stateless_uniform([], seed=seed, minval=low, maxval=high)
 
 
-def random_resized_crop(image, size: int, scale, ratio, seed):
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``; bicubic resize to size x size."""
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+def crop_window(image_shape, scale, ratio, seed):
+    """A random-resized-crop window ``(offset [y, x], size [h, w])`` for an image of ``image_shape`` [H, W, C].
+
+    Area fraction in ``scale``, aspect ratio in ``ratio`` (10 attempts, then the
+    whole image), as torchvision's RandomResizedCrop samples it. Only the shape is
+    needed, so JPEGs can decode just this window.
+    """
+    offset, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=seed,
         min_object_covered=0.0,
@@ -38,8 +43,21 @@ def random_resized_crop(image, size: int, scale, ratio, seed):
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    crop = tf.slice(image, begin, crop_size)
+    return offset[:2], size[:2]
+
+
+def resize_crop(crop, size: int):
+    """Bicubic resize of a crop to size x size, clipped back to [0, 1]."""
     return tf.clip_by_value(tf.image.resize(crop, (size, size), method="bicubic"), 0.0, 1.0)
+
+
+def to_float_image(image):
+    """uint8 [0, 255] or float [0, 1] image -> float32 [0, 1] with 3 channels."""
+    image = tf.convert_to_tensor(image)
+    image = tf.image.convert_image_dtype(image, tf.float32) if image.dtype.is_integer else tf.cast(image, tf.float32)
+    if image.shape.rank == 3 and image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, 3])
+    return image
 
 
 def color_jitter(image, seeds, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
@@ -116,28 +134,52 @@ class MultiCropAugmentation:
     def num_crops(self) -> int:
         return self.num_global_crops + self.num_local_crops
 
-    def view(self, image, seed, size: int, scale, blur_probability: float, solarize_probability: float):
-        """One augmented, normalised crop."""
-        seeds = tf.random.experimental.stateless_split(seed, 10)
-        x = random_resized_crop(image, size, scale, self.ratio, seeds[0])
+    def _crop_seeds(self, seed):
+        """One stateless seed per crop, then 10 per crop (window, flip, jitter x5, grayscale, sigma, blur)."""
+        return [
+            tf.random.experimental.stateless_split(s, 10)
+            for s in tf.unstack(tf.random.experimental.stateless_split(seed, self.num_crops))
+        ]
+
+    def _crop_specs(self):
+        """(size, scale, blur probability, solarisation probability) of each crop in order."""
+        view_1, view_2, local_blur = self.blur_probability
+        specs = [
+            (self.global_size, self.global_scale, view_1, 0.0),
+            (self.global_size, self.global_scale, view_2, self.solarize_probability),
+        ]
+        return specs + [(self.local_size, self.local_scale, local_blur, 0.0)] * self.num_local_crops
+
+    def finish_view(self, crop, seeds, size: int, blur_probability: float, solarize_probability: float):
+        """Resize a cropped window, then flip, jitter, grayscale, blur, solarise and normalise it."""
+        x = resize_crop(crop, size)
         x = tf.image.stateless_random_flip_left_right(x, seeds[1])
         x = _maybe(self.jitter_probability, seeds[2], lambda y: color_jitter(y, seeds[3:7]), x)
         x = _maybe(self.grayscale_probability, seeds[7], lambda y: tf.tile(tf.image.rgb_to_grayscale(y), [1, 1, 3]), x)
         sigma = _uniform(seeds[8], *self.blur_sigma)
         x = _maybe(blur_probability, seeds[9], lambda y: gaussian_blur(y, sigma), x)
-        solarize_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        solarize_seed = tf.random.experimental.stateless_fold_in(seeds[0], 1)
         x = _maybe(solarize_probability, solarize_seed, lambda y: tf.where(y < 0.5, y, 1.0 - y), x)
         x = tf.ensure_shape(x, (size, size, 3))
         return normalize(x)
 
     def __call__(self, image, seed):
-        image = tf.convert_to_tensor(image, tf.float32)
-        seeds = tf.random.experimental.stateless_split(seed, self.num_crops)
-        view_1, view_2, local_blur = self.blur_probability
-        crops = [
-            self.view(image, seeds[0], self.global_size, self.global_scale, view_1, 0.0),
-            self.view(image, seeds[1], self.global_size, self.global_scale, view_2, self.solarize_probability),
-        ]
-        for index in range(self.num_local_crops):
-            crops.append(self.view(image, seeds[2 + index], self.local_size, self.local_scale, local_blur, 0.0))
+        """Views of a decoded image (uint8 or float [0, 1], [H, W, 1 or 3]) from a stateless seed [2]."""
+        image = to_float_image(image)
+        shape = tf.shape(image)
+        crops = []
+        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self._crop_specs()):
+            offset, window = crop_window(shape, scale, self.ratio, seeds[0])
+            crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([window, [3]], 0))
+            crops.append(self.finish_view(crop, seeds, size, blur, solarize))
+        return tuple(crops)
+
+    def from_jpeg(self, encoded, seed):
+        """The same views as ``self(decode_jpeg(encoded), seed)``, decoding only each crop's window."""
+        shape = tf.io.extract_jpeg_shape(encoded)
+        crops = []
+        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self._crop_specs()):
+            offset, window = crop_window(tf.concat([shape[:2], [3]], 0), scale, self.ratio, seeds[0])
+            crop = tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, window], 0), channels=3)
+            crops.append(self.finish_view(to_float_image(crop), seeds, size, blur, solarize))
         return tuple(crops)

@@ -1,11 +1,139 @@
-"""Datasets: scikit-learn's digits (the embedded default) and the multi-crop tf.data wrapper."""
+"""Image sources for pretraining: in-memory arrays, image folders and TFDS datasets (TensorFlow-only).
+
+A source says what it holds (``num_examples``, ``class_names``, ``image_shape``)
+and yields small records that are cheap to shuffle and shard: an index, a file
+path, or an encoded image. ``load`` turns a record into a decoded image or the
+encoded bytes inside the parallel tf.data map (see ``keras_carp.data.pipeline``).
+Labels travel with the images for evaluation; the CARP loss never sees them.
+
+Bad input is found before training where it can be: unknown dataset names,
+missing files or folders, empty folders, images smaller than the crop.
+Files that only fail when decoded (a truncated JPEG whose header reads fine) are
+skipped by the pipeline and counted in ``source.skipped`` instead of ending a
+long run.
+"""
 
 from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import io
+import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from keras_carp.data.augment import MultiCropAugmentation
+logger = logging.getLogger("keras_carp.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class SkippedImages:
+    """Counts records that entered decoding and records that came out, so the difference is what was skipped.
+
+    Both counters are int64 variables updated inside the tf.data graph; the
+    difference is exact once a pass over the data has finished.
+    """
+
+    def __init__(self):
+        with tf.init_scope():
+            self.entered = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_entered")
+            self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_decoded")
+
+    @property
+    def count(self) -> int:
+        return int(self.entered.numpy() - self.decoded.numpy())
+
+
+class ImageSource:
+    """Base class: subclasses set the attributes and implement ``records`` and ``load``.
+
+    Attributes:
+        name: a short description for logs.
+        num_examples: how many images ``records`` yields (before sharding).
+        class_names: label names, or None when the source is unlabelled.
+        image_shape: (H, W) when every image has that size, else None.
+        encoded: True when ``load`` returns encoded bytes that can fail to decode.
+        records_hold_images: True when records carry the encoded images (large to shuffle).
+    """
+
+    name: str = "images"
+    num_examples: int = 0
+    class_names: tuple | None = None
+    image_shape: tuple | None = None
+    encoded: bool = False
+    records_hold_images: bool = False
+
+    def __init__(self):
+        self.skipped = SkippedImages()
+
+    @property
+    def has_labels(self) -> bool:
+        return self.class_names is not None
+
+    def records(self, input_context: tf.distribute.InputContext | None = None, seed: int = 0) -> tf.data.Dataset:
+        """Small records, one per image, sharded for ``input_context``'s pipeline when given."""
+        raise NotImplementedError
+
+    def load(self, record) -> dict:
+        """``{"image": uint8 [H, W, 3]}`` or ``{"encoded": string}``, plus ``"label"`` when labelled."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        labels = f"{len(self.class_names)} classes" if self.has_labels else "unlabelled"
+        return f"<{type(self).__name__} {self.name}: {self.num_examples} images, {labels}>"
+
+
+def _shard(dataset: tf.data.Dataset, input_context) -> tf.data.Dataset:
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return dataset
+    return dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+
+class ArraySource(ImageSource):
+    """Images held in memory: uint8 [N, H, W, C] (C = 1 or 3) or float [N, H, W, C] in [0, 1]."""
+
+    def __init__(self, images, labels=None, class_names=None, name: str = "arrays"):
+        super().__init__()
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"{name}: expected images [N, H, W, 1 or 3], got shape {images.shape}.")
+        if len(images) == 0:
+            raise ValueError(f"{name}: the dataset is empty.")
+        if labels is not None:
+            labels = np.asarray(labels).astype("int64")
+            if labels.shape != (len(images),):
+                raise ValueError(f"{name}: {len(images)} images but labels of shape {labels.shape}.")
+            if class_names is None:
+                class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
+        self.images, self.labels = images, labels
+        self.class_names = tuple(class_names) if labels is not None else None
+        self.num_examples = len(images)
+        self.image_shape = tuple(images.shape[1:3])
+        self.name = name
+
+    def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        return _shard(tf.data.Dataset.range(self.num_examples), input_context)
+
+    def load(self, record) -> dict:
+        # Gathering from a captured constant keeps the records small, so shuffling moves indices, not pixels.
+        if not hasattr(self, "_images_tensor"):
+            with tf.init_scope():
+                self._images_tensor = tf.constant(self.images)
+                self._labels_tensor = None if self.labels is None else tf.constant(self.labels)
+        out = {"image": tf.gather(self._images_tensor, record)}
+        if self._labels_tensor is not None:
+            out["label"] = tf.gather(self._labels_tensor, record)
+        return out
 
 
 def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0):
@@ -27,37 +155,338 @@ def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0
     return (x_train, y_train), (x_test, y_test)
 
 
-def multicrop_dataset(
-    images,
-    augmentation: MultiCropAugmentation,
-    batch_size: int,
-    labels=None,
-    seed: int = 0,
-    shuffle: bool = True,
-    drop_remainder: bool = True,
-) -> tf.data.Dataset:
-    """Batches of ``(crops, labels)`` (or ``(crops,)``) from in-memory [0, 1] images.
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or raw."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    rank = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=rank, offset=4).astype(int)
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * rank)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}.")
+    return data.reshape(dims)
 
-    Each epoch reshuffles and draws new crops; every image's crops come from a
-    stateless seed taken from ``tf.data.Dataset.random(seed)``, so a run with
-    the same seed sees the same views.
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for suffix in ("", ".gz"):
+        for candidate in (directory / f"{stem}{suffix}", directory / f"{stem.replace('-idx', '.idx')}{suffix}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, image_size: int = 28):
+    """Fashion-MNIST from IDX files (Debian's ``dataset-fashion-mnist`` by default) as uint8 [N, S, S, 1], labels.
+
+    ``split`` is ``"train"`` (60 000) or ``"test"`` (10 000); ``image_size``
+    other than 28 resizes (bilinear) once at load time.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if len(images) == 0:
-        raise ValueError("The dataset is empty.")
-    if len(images) < batch_size and drop_remainder:
-        raise ValueError(f"The dataset has {len(images)} images, fewer than one batch of {batch_size}.")
-    elements = (images,) if labels is None else (images, labels)
-    dataset = tf.data.Dataset.from_tensor_slices(elements)
-    if shuffle:
-        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip(dataset, seeds)
+    directory = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"Fashion-MNIST splits are 'train' and 'test', got {split!r}.")
+    images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    if images_path is None or labels_path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files for split {split!r} not found in {directory} (expected "
+            f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]). "
+            "Install them with `apt-get install dataset-fashion-mnist`, or pass --data-dir."
+        )
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.ndim != 3 or labels.shape != (len(images),):
+        raise ValueError(f"Fashion-MNIST files disagree: images {images.shape}, labels {labels.shape}.")
+    images = images[..., None]
+    if image_size != images.shape[1]:
+        resized = tf.image.resize(images.astype("float32"), (image_size, image_size), method="bilinear")
+        images = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+    return images, labels.astype("int64")
 
-    def make_views(element, view_seed):
-        crops = augmentation(element[0], view_seed)
-        return (crops,) + tuple(element[1:])
 
-    dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+# ----------------------------------------------------------------------------- folders of images
+
+
+@dataclasses.dataclass
+class FolderScan:
+    """What a scan of an image folder found."""
+
+    files: list  # usable image paths
+    labels: list  # class index per file (empty when unlabelled)
+    class_names: tuple | None
+    sizes: list  # (width, height) per file
+    converted: dict  # path -> PNG bytes for images TensorFlow cannot decode as stored (CMYK JPEG, palette BMP...)
+    unreadable: list  # (path, reason) skipped: zero-byte, corrupt or unsupported files
+    ignored: list  # files without an image extension
+
+
+def _inspect(path: str):
+    """(width, height, converted PNG bytes or None) from the header; raises ValueError when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise ValueError("zero-byte file")
+    try:
+        with Image.open(path) as image:
+            if image.format not in ("JPEG", "PNG", "BMP", "GIF"):
+                raise ValueError(f"unsupported format {image.format}")
+            width, height = image.size
+            converted = None
+            # TensorFlow decodes RGB/L JPEGs, PNGs and GIFs itself; anything else is converted once, here.
+            if (image.format == "JPEG" and image.mode not in ("RGB", "L")) or (
+                image.format == "BMP" and image.mode not in ("RGB", "RGBA")
+            ):
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+                converted = buffer.getvalue()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"not a readable image ({error})") from None
+    return width, height, converted
+
+
+def scan_image_folder(directory: str | os.PathLike, workers: int = 16) -> FolderScan:
+    """List a folder's images (class subfolders optional) and read every header, in parallel threads.
+
+    Class subfolders: when the folder has subfolders holding images, each
+    first-level subfolder is a class (sorted names); files beside them are
+    ignored. Otherwise all images, at any depth, form one unlabelled set.
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise FileNotFoundError(f"Image folder {root} does not exist.")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder.")
+    all_files = sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [f for f in all_files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    ignored = [f for f in all_files if not f.lower().endswith(IMAGE_EXTENSIONS)]
+    parts = {f: Path(f).relative_to(root).parts for f in images}
+    class_names = tuple(sorted({parts[f][0] for f in images if len(parts[f]) > 1})) or None
+    if class_names:
+        ignored += [f for f in images if len(parts[f]) == 1]
+        images = [f for f in images if len(parts[f]) > 1]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(_safe_inspect, images))
+    scan = FolderScan([], [], class_names, [], {}, [], sorted(ignored))
+    class_index = {name: i for i, name in enumerate(class_names or ())}
+    for path, result in zip(images, results):
+        if isinstance(result, str):
+            scan.unreadable.append((path, result))
+            continue
+        width, height, converted = result
+        scan.files.append(path)
+        scan.sizes.append((width, height))
+        if converted is not None:
+            scan.converted[path] = converted
+        if class_names:
+            scan.labels.append(class_index[parts[path][0]])
+    return scan
+
+
+def _safe_inspect(path: str):
+    try:
+        return _inspect(path)
+    except ValueError as error:
+        return str(error)
+
+
+class FolderSource(ImageSource):
+    """JPEG, PNG, BMP and GIF files under a folder; class subfolders give labels when present.
+
+    The constructor scans every header: zero-byte, corrupt and unsupported files
+    are skipped and reported in the log, non-image files are ignored, and
+    grayscale, RGBA, palette and CMYK images come out as RGB.
+    """
+
+    encoded = True
+
+    def __init__(self, directory: str | os.PathLike, workers: int = 16):
+        super().__init__()
+        scan = scan_image_folder(directory, workers)
+        if not scan.files:
+            found = f"{len(scan.unreadable)} unreadable and {len(scan.ignored)} non-image files"
+            raise ValueError(
+                f"Image folder {directory} has no readable images ({found}; looked for {IMAGE_EXTENSIONS})."
+            )
+        if scan.unreadable:
+            examples = "; ".join(f"{Path(p).name}: {why}" for p, why in scan.unreadable[:5])
+            logger.warning("%s: skipping %d unreadable files (%s%s)", directory, len(scan.unreadable), examples,
+                           ", ..." if len(scan.unreadable) > 5 else "")  # fmt: skip
+        if scan.ignored:
+            logger.info("%s: ignoring %d files that are not images in class folders", directory, len(scan.ignored))
+        self.scan = scan
+        self.name = str(directory)
+        self.num_examples = len(scan.files)
+        self.class_names = scan.class_names
+        self.min_side = min(min(size) for size in scan.sizes)
+        shapes = {(h, w) for w, h in scan.sizes}
+        self.image_shape = shapes.pop() if len(shapes) == 1 else None
+
+    def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        converted_index = {path: i for i, path in enumerate(self.scan.converted)}
+        columns = {
+            "path": np.array(self.scan.files),
+            "converted": np.array([converted_index.get(p, -1) for p in self.scan.files], "int64"),
+        }
+        if self.has_labels:
+            columns["label"] = np.array(self.scan.labels, "int64")
+        return _shard(tf.data.Dataset.from_tensor_slices(columns), input_context)
+
+    def load(self, record) -> dict:
+        if not hasattr(self, "_converted_tensor"):
+            with tf.init_scope():
+                self._converted_tensor = tf.constant(list(self.scan.converted.values()) or [b""], tf.string)
+        encoded = tf.cond(
+            record["converted"] >= 0,
+            lambda: tf.gather(self._converted_tensor, tf.maximum(record["converted"], 0)),
+            lambda: tf.io.read_file(record["path"]),
+        )
+        out = {"encoded": encoded}
+        if "label" in record:
+            out["label"] = record["label"]
+        return out
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def _tfds_image_and_label_keys(info) -> tuple[str, str | None]:
+    import tensorflow_datasets as tfds
+
+    features = info.features
+    image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    if not image_keys:
+        raise ValueError(f"TFDS dataset {info.name!r} has no image feature (features: {list(features.keys())}).")
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    label_key = "label" if "label" in labels else (labels[0] if labels else None)
+    return ("image" if "image" in image_keys else image_keys[0]), label_key
+
+
+def _manual_download_error(builder, manual_dir: Path, error: Exception) -> Exception:
+    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
+    files = {
+        "imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (and optionally ILSVRC2012_img_test.tar)",
+        "imagenet2012_subset": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+    }.get(builder.name.split("/")[0])
+    what = f"Put {files} in {manual_dir}" if files else f"Put the files it needs in {manual_dir}"
+    return FileNotFoundError(
+        f"TFDS dataset {builder.name!r} needs a manual download, and its archives are missing. {what} "
+        f"(or pass --data-dir to a folder whose downloads/manual/ holds them), then run again; TFDS prepares it "
+        f"once into {builder.data_dir}.\nTFDS instructions: {instructions.strip()}\n({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''})"
+    )
+
+
+class TFDSSource(ImageSource):
+    """A split of any TFDS image dataset (``imagenet2012``, ``imagenette``, ``cifar10``, ``stl10``...).
+
+    Images stay encoded until the parallel map (``SkipDecoding``) so JPEGs can
+    be decoded crop by crop. The dataset is prepared on first use when
+    ``download`` is true; manual-download datasets (imagenet2012) get an error
+    naming the archives and the folder to put them in.
+    """
+
+    encoded = True
+    records_hold_images = True
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 download: bool = True, manual_dir: str | os.PathLike | None = None):  # fmt: skip
+        super().__init__()
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as error:
+            raise ValueError(f"Unknown TFDS dataset {name!r}: {str(error).splitlines()[0]}") from None
+        if not builder.is_prepared():
+            if not download:
+                raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (download off).")
+            manual = Path(manual_dir) if manual_dir else Path(builder.data_dir).parents[1] / "downloads" / "manual"
+            try:
+                builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+            except AssertionError as error:  # TFDS asserts on a missing or empty manual_dir
+                raise _manual_download_error(builder, manual, error) from None
+        self.image_key, self.label_key = _tfds_image_and_label_keys(builder.info)
+        try:
+            self.num_examples = int(builder.info.splits[split].num_examples)
+        except (KeyError, ValueError) as error:
+            available = ", ".join(builder.info.splits.keys())
+            raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: {available}): {error}") from None
+        label_feature = builder.info.features[self.label_key] if self.label_key else None
+        self.class_names = tuple(label_feature.names) if label_feature is not None else None
+        if split.startswith("unlabelled"):
+            self.class_names = None  # stl10's unlabelled split carries label -1
+        height, width = builder.info.features[self.image_key].shape[:2]
+        self.image_shape = (height, width) if height and width else None
+        self.builder, self.split, self.name = builder, split, f"{name}:{split}"
+
+    def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        import tensorflow_datasets as tfds
+
+        read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed, try_autocache=False)
+        dataset = self.builder.as_dataset(
+            split=self.split,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+            shuffle_files=True,
+            read_config=read_config,
+        )
+        keys = [self.image_key] + ([self.label_key] if self.has_labels else [])
+        return dataset.map(lambda example: {k: example[k] for k in keys})
+
+    def load(self, record) -> dict:
+        out = {"encoded": record[self.image_key]}
+        if self.has_labels:
+            out["label"] = tf.cast(record[self.label_key], tf.int64)
+        return out
+
+
+# ----------------------------------------------------------------------------- by name
+
+BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+
+
+def load_source(
+    dataset: str,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    download: bool = True,
+    seed: int = 0,
+) -> ImageSource:
+    """The source ``carp-pretrain --dataset NAME [--data-dir DIR] [--split SPLIT]`` trains on.
+
+    - ``digits``: scikit-learn's bundled digits (splits ``train``/``test``), at ``image_size`` (default 32);
+    - ``fashion_mnist``: IDX files in ``data_dir`` or Debian's ``/usr/share/datasets/fashion-mnist``,
+      else the TFDS dataset when it is prepared in ``data_dir``;
+    - ``folder``: the images under ``data_dir`` (or ``data_dir/split`` when that subfolder exists);
+    - anything else: a TFDS dataset name and split string (``imagenet2012``, ``cifar10``, ``stl10`` with
+      split ``unlabelled``...), prepared in ``data_dir`` (TFDS's default when None).
+    """
+    if dataset == "digits":
+        if split not in ("train", "test"):
+            raise ValueError(f"digits splits are 'train' and 'test', got {split!r}.")
+        train, test = load_digits(image_size or 32, seed=seed)
+        images, labels = train if split == "train" else test
+        return ArraySource(images, labels, name=f"digits:{split}")
+    if dataset == "fashion_mnist":
+        directory = Path(data_dir) if data_dir else FASHION_MNIST_DIR
+        if _find_idx(directory, "train-images-idx3-ubyte") or _find_idx(directory, "t10k-images-idx3-ubyte"):
+            images, labels = load_fashion_mnist(split, directory, image_size or 28)
+            return ArraySource(images, labels, FASHION_MNIST_CLASSES, name=f"fashion_mnist:{split}")
+        try:
+            return TFDSSource("fashion_mnist", split, data_dir, download=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found: no IDX files in {directory} and no prepared TFDS fashion_mnist. "
+                "Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), point --data-dir "
+                "at the IDX files, or prepare it with TFDS."
+            ) from None
+    if dataset == "folder":
+        if data_dir is None:
+            raise ValueError("--dataset folder needs --data-dir pointing at the images.")
+        directory = Path(data_dir)
+        if split and (directory / split).is_dir():
+            directory = directory / split
+        return FolderSource(directory)
+    return TFDSSource(dataset, split, data_dir, download=download)

@@ -6,8 +6,15 @@ import keras
 import numpy as np
 
 
-def extract_features(encoder: keras.Model, images: np.ndarray, batch_size: int = 256, preprocess=None) -> np.ndarray:
-    """Encoder features [N, D] (inference mode) of in-memory images, optionally preprocessed first."""
+def extract_features(encoder: keras.Model, images, batch_size: int = 256, preprocess=None) -> np.ndarray:
+    """Encoder features [N, D] (inference mode) of in-memory images, optionally preprocessed first.
+
+    ``images`` may also be an iterable of batches (a tf.data dataset of images
+    or of ``(images, labels)``, e.g. ``keras_carp.data.eval_dataset``); use
+    ``extract_labelled_features`` to keep the labels.
+    """
+    if not isinstance(images, np.ndarray):
+        return extract_labelled_features(encoder, images, preprocess)[0]
     features = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -15,6 +22,22 @@ def extract_features(encoder: keras.Model, images: np.ndarray, batch_size: int =
             batch = preprocess(batch)
         features.append(keras.ops.convert_to_numpy(encoder(batch, training=False)))
     return np.concatenate(features).astype("float32")
+
+
+def extract_labelled_features(encoder: keras.Model, batches, preprocess=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features [N, D] and labels [N] (None when batches carry none) from an iterable of batches."""
+    features, labels = [], []
+    for batch in batches:
+        images, batch_labels = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+        images = keras.ops.convert_to_numpy(images) if not isinstance(images, np.ndarray) else images
+        if preprocess is not None:
+            images = preprocess(images)
+        features.append(keras.ops.convert_to_numpy(encoder(images, training=False)))
+        if batch_labels is not None:
+            labels.append(np.asarray(batch_labels))
+    if not features:
+        raise ValueError("No images to extract features from (the dataset is empty).")
+    return np.concatenate(features).astype("float32"), (np.concatenate(labels) if labels else None)
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:

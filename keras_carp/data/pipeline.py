@@ -1,0 +1,194 @@
+"""The multi-crop tf.data pipeline that feeds ``CARP.fit`` (TensorFlow-only; Keras iterates it on every backend).
+
+records -> [shard per host] -> [cache] -> shuffle -> zip per-image seeds ->
+parallel map (read, decode, augment) -> skip undecodable -> batch -> prefetch.
+
+Each image's crops come from a stateless seed drawn by
+``tf.data.Dataset.random(seed)``, so a run with the same seed sees the same
+views; ``deterministic=False`` lets the parallel map return images out of
+order for more throughput (the views of each image are unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from keras_carp.data.augment import MultiCropAugmentation, normalize, to_float_image
+from keras_carp.data.sources import ArraySource, FolderSource, ImageSource
+
+logger = logging.getLogger("keras_carp.data")
+
+DECODE_MODES = ("once", "crop")
+# bench/input_pipeline.py: decoding each JPEG once and cropping 2x224 + 6x96 from it beats eight
+# decode_and_crop_jpeg calls (see the README's figures).
+DEFAULT_DECODE = "once"
+
+
+def decode_image(encoded):
+    """JPEG, PNG, BMP or GIF (first frame) bytes -> uint8 [H, W, 3]."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _as_source(images, labels) -> ImageSource:
+    if isinstance(images, ImageSource):
+        if labels is not None:
+            raise ValueError("Pass labels with in-memory arrays only; a source carries its own labels.")
+        return images
+    return ArraySource(images, labels)
+
+
+def check_image_size(source: ImageSource, min_image_size: int) -> None:
+    """Raise before training when the source's images are smaller than ``min_image_size`` pixels on a side."""
+    if min_image_size <= 0:
+        return
+    hint = (
+        f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0 "
+        f"(--min-image-size 0), or resize the images to at least {min_image_size} px."
+    )
+    if isinstance(source, FolderSource):
+        small = [(path, size) for path, size in zip(source.scan.files, source.scan.sizes) if min(size) < min_image_size]
+        if small:
+            examples = ", ".join(f"{path} ({w}x{h})" for path, (w, h) in small[:3])
+            raise ValueError(
+                f"{len(small)} of {source.num_examples} images in {source.name} are smaller than "
+                f"{min_image_size} px on a side, e.g. {examples}. {hint}"
+            )
+    elif source.image_shape is not None and min(source.image_shape) < min_image_size:
+        height, width = source.image_shape
+        raise ValueError(f"{source.name} images are {height}x{width}, smaller than {min_image_size} px. {hint}")
+
+
+def multicrop_dataset(
+    images,
+    augmentation: MultiCropAugmentation,
+    batch_size: int,
+    labels=None,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    deterministic: bool = True,
+    cache: bool | str = False,
+    input_context: tf.distribute.InputContext | None = None,
+    decode: str = DEFAULT_DECODE,
+    min_image_size: int | None = None,
+    shuffle_buffer: int | None = None,
+) -> tf.data.Dataset:
+    """Batches of ``(crops, labels)`` (or ``(crops,)`` when unlabelled) for ``CARP.fit``.
+
+    Args:
+        images: an ``ImageSource`` (folder, TFDS, arrays) or in-memory images [N, H, W, C].
+        augmentation: the view recipe; crops come out float32, ImageNet-normalised.
+        batch_size: the global batch; with ``input_context`` each pipeline makes its per-replica share.
+        labels: class labels for in-memory ``images``.
+        seed: seeds the shuffle and every image's views.
+        deterministic: keep the element order (and so the batches) reproducible.
+        cache: cache loaded records in memory (True) or in this file path prefix (str).
+        input_context: from ``strategy.distribute_datasets_from_function``; shards records per host.
+        decode: JPEG decoding, ``"once"`` per image or ``"crop"`` (``decode_and_crop_jpeg`` per crop).
+        min_image_size: smaller images are an error before training (default: the global crop size; 0 allows).
+        shuffle_buffer: default: the whole set of small records, or 10 000 when records hold encoded images.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
+    source = _as_source(images, labels)
+    check_image_size(source, augmentation.global_size if min_image_size is None else min_image_size)
+    local_batch = batch_size
+    if input_context is not None:
+        local_batch = input_context.get_per_replica_batch_size(batch_size)
+        seed = int(np.random.SeedSequence([seed, input_context.input_pipeline_id]).generate_state(1)[0])
+    shard_size = source.num_examples // (input_context.num_input_pipelines if input_context else 1)
+    if drop_remainder and shard_size < local_batch:
+        raise ValueError(f"{source.name} has {source.num_examples} images, fewer than one batch of {batch_size}.")
+
+    dataset = source.records(input_context, seed)
+    loaded = False
+    if cache is not False:
+        dataset = dataset.map(source.load, num_parallel_calls=tf.data.AUTOTUNE).cache("" if cache is True else cache)
+        loaded = True
+    if shuffle:
+        if shuffle_buffer is None:
+            holds_images = (loaded and source.encoded) or source.records_hold_images
+            shuffle_buffer = 10_000 if holds_images else shard_size
+        dataset = dataset.shuffle(max(1, min(shuffle_buffer, shard_size)), seed=seed, reshuffle_each_iteration=True)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    dataset = tf.data.Dataset.zip(dataset, seeds)
+    counter = source.skipped
+
+    def make_views(record, view_seed):
+        example = record if loaded else source.load(record)
+        if "encoded" in example:
+            entered = counter.entered.assign_add(1)
+            with tf.control_dependencies([entered]):
+                encoded = tf.identity(example["encoded"])
+            if decode == "crop":
+                crops = tf.cond(
+                    tf.io.is_jpeg(encoded),
+                    lambda: augmentation.from_jpeg(encoded, view_seed),
+                    lambda: augmentation(decode_image(encoded), view_seed),
+                )
+            else:
+                crops = augmentation(decode_image(encoded), view_seed)
+            with tf.control_dependencies([tf.group(crops)]):
+                decoded = counter.decoded.assign_add(1)
+            with tf.control_dependencies([decoded]):
+                crops = tuple(tf.identity(c) for c in crops)
+        else:
+            crops = augmentation(example["image"], view_seed)
+        return (crops, example["label"]) if "label" in example else (crops,)
+
+    dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    if source.encoded:
+        dataset = dataset.ignore_errors(log_warning=True)
+    dataset = dataset.batch(local_batch, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=deterministic)  # fmt: skip
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def center_crop(image, size: int, crop_fraction: float = 1.0):
+    """Resize the shorter side to ``size / crop_fraction`` (bilinear), then take the central size x size."""
+    image = to_float_image(image)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / crop_fraction) / tf.reduce_min(shape)
+    resized_shape = tf.maximum(tf.cast(tf.math.round(shape * scale), tf.int32), size)
+    image = tf.image.resize(image, resized_shape, method="bilinear", antialias=True)
+    offset = (resized_shape - size) // 2
+    return tf.clip_by_value(image[offset[0] : offset[0] + size, offset[1] : offset[1] + size], 0.0, 1.0)
+
+
+def eval_dataset(
+    images,
+    image_size: int,
+    batch_size: int = 256,
+    labels=None,
+    crop_fraction: float = 1.0,
+) -> tf.data.Dataset:
+    """Batches of ``(normalised images, labels)`` in a fixed order, for features of a frozen encoder.
+
+    Every image is resized so its shorter side is ``image_size / crop_fraction``
+    and centre-cropped (``crop_fraction=224/256`` is ImageNet's resize 256 /
+    crop 224). Undecodable files are skipped, as in training.
+    """
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
+    source = _as_source(images, labels)
+    if not source.has_labels:
+        raise ValueError(f"{source.name} has no labels to evaluate with.")
+
+    def prepare(record):
+        example = source.load(record)
+        image = decode_image(example["encoded"]) if "encoded" in example else example["image"]
+        return normalize(center_crop(image, image_size, crop_fraction)), example["label"]
+
+    dataset = source.records().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if source.encoded:
+        dataset = dataset.ignore_errors(log_warning=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
