@@ -2,6 +2,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from training import pretrain
@@ -66,3 +67,45 @@ def test_output_path_that_is_a_file_fails_before_training(tmp_path):
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write"):
         pretrain.prepare_output_dir(str(blocker / "run"), "digits")
+
+
+def _image_folder(root, rng):
+    from PIL import Image
+
+    for split, count in (("train", 40), ("test", 10)):
+        for label in ("red", "blue"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, (20, 20, 3), dtype=np.uint8)
+                pixels[..., 0 if label == "red" else 2] += 170
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+
+
+def test_carp_pretrain_on_an_image_folder_with_splits(tmp_path, capsys):
+    _image_folder(tmp_path / "data", np.random.default_rng(0))
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)]
+    assert pretrain.main(TINY + ["--batch-size", "16"] + args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == 80 and summary["dataset"].endswith("train")
+    assert 0.0 <= summary["knn_top1"] <= 100.0
+    assert "skipped_images" in (out / "training_log.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "no_such_dataset_anywhere"], "Unknown TFDS dataset"),
+        (["--dataset", "folder"], "needs --data-dir"),
+        (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
+        (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent/idx", "--download", "false"], "Fashion-MNIST"),
+        (["--dataset", "digits", "--global-size", "64"], "smaller than 64 px"),
+        (["--warmup-epochs", "3"], "warmup_steps"),
+        (["--block-size", "48"], "block_size"),
+    ],
+)
+def test_data_problems_stop_before_training(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        pretrain.main(TINY + args + ["--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -192,3 +192,29 @@ def test_eval_dataset_centre_crops_in_order():
 def test_labels_come_from_the_source_not_from_arguments():
     with pytest.raises(ValueError, match="carries its own labels"):
         multicrop_dataset(ArraySource(np.zeros((4, 24, 24, 3), "uint8")), SMALL, 2, labels=np.arange(4))
+
+
+def test_unknown_tfds_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Unknown TFDS dataset 'imagenet2013'"):
+        load_source("imagenet2013", data_dir=tmp_path)
+
+
+def test_imagenet2012_without_its_archives_says_which_files_go_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as raised:
+        load_source("imagenet2012", "train", data_dir=tmp_path)
+    message = str(raised.value)
+    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+    assert str(tmp_path / "downloads" / "manual") in message
+
+
+def test_imagenet2012_pipeline_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        source = load_source("imagenet2012", "train", data_dir=tmp_path)
+        assert source.num_examples == 12 and len(source.class_names) == 1000
+        recipe = MultiCropAugmentation(global_size=32, local_size=16, num_local_crops=2)
+        crops, labels = next(iter(multicrop_dataset(source, recipe, 4, min_image_size=0, decode="crop")))
+    assert [tuple(c.shape) for c in crops] == [(4, 32, 32, 3)] * 2 + [(4, 16, 16, 3)] * 2
+    assert labels.dtype == tf.int64 and np.all((labels.numpy() >= 0) & (labels.numpy() < 1000))
+    assert source.skipped.count == 0

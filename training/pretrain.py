@@ -130,22 +130,35 @@ def run(config: dict) -> dict:
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
     logging.getLogger("keras_carp").info("pretraining on %r", train_source)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-
-    head = keras_carp.CARPHead(
-        num_prototypes=config["num_prototypes"],
-        hidden_dim=config["hidden_dim"],
-        bottleneck_dim=config["bottleneck_dim"],
-    )
     steps_per_epoch = train_source.num_examples // config["batch_size"]
     total_steps = steps_per_epoch * config["epochs"]
-    model = keras_carp.CARP(
-        keras_carp.build_encoder(config["backbone"]),
-        head,
-        block_size=config["block_size"],
-        partition=config["partition"],
-        seed=config["seed"],
-    )
+    try:  # invalid hyperparameters stop here, before any feature extraction or training
+        head = keras_carp.CARPHead(
+            num_prototypes=config["num_prototypes"],
+            hidden_dim=config["hidden_dim"],
+            bottleneck_dim=config["bottleneck_dim"],
+        )
+        model = keras_carp.CARP(
+            keras_carp.build_encoder(config["backbone"]),
+            head,
+            block_size=config["block_size"],
+            partition=config["partition"],
+            seed=config["seed"],
+        )
+        schedule = keras_carp.WarmupCosineDecay(
+            base_learning_rate=config["base_learning_rate"],
+            global_batch_size=config["batch_size"],
+            total_steps=total_steps,
+            warmup_steps=config["warmup_epochs"] * steps_per_epoch,
+            min_learning_rate=config["min_learning_rate"],
+        )
+        optimizer = keras_carp.LARS(schedule, weight_decay=config["weight_decay"])
+        teacher_ema = keras_carp.TeacherEMA(
+            config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
+        )
+    except ValueError as error:
+        raise SystemExit(f"carp-pretrain: {error}") from None
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
     def knn(encoder) -> dict | None:
         if eval_source is None:
@@ -166,22 +179,13 @@ def run(config: dict) -> dict:
         )
 
     random_init = knn(model.teacher_encoder)
-    schedule = keras_carp.WarmupCosineDecay(
-        base_learning_rate=config["base_learning_rate"],
-        global_batch_size=config["batch_size"],
-        total_steps=total_steps,
-        warmup_steps=config["warmup_epochs"] * steps_per_epoch,
-        min_learning_rate=config["min_learning_rate"],
-    )
-    model.compile(optimizer=keras_carp.LARS(schedule, weight_decay=config["weight_decay"]))
+    model.compile(optimizer=optimizer)
     started = time.time()
     history = model.fit(
         dataset,
         epochs=config["epochs"],
         callbacks=[
-            keras_carp.TeacherEMA(
-                config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
-            ),
+            teacher_ema,
             SkippedImagesLogger(train_source),
             keras.callbacks.CSVLogger(str(out / "training_log.csv")),
         ],

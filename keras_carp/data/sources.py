@@ -363,18 +363,27 @@ def _tfds_image_and_label_keys(info) -> tuple[str, str | None]:
     return ("image" if "image" in image_keys else image_keys[0]), label_key
 
 
-def _manual_download_error(builder, manual_dir: Path, error: Exception) -> Exception:
-    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or ""
-    files = {
-        "imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (and optionally ILSVRC2012_img_test.tar)",
-        "imagenet2012_subset": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
-    }.get(builder.name.split("/")[0])
-    what = f"Put {files} in {manual_dir}" if files else f"Put the files it needs in {manual_dir}"
+MANUAL_FILES = {
+    "imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "imagenet2012_subset": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+    "imagenet2012_real": ("ILSVRC2012_img_val.tar",),
+}
+
+
+def _manual_download_error(builder, manual_dir: Path, cause: Exception | None = None) -> FileNotFoundError:
+    """A message that says which archives to put where, for datasets TFDS cannot download itself."""
+    files = MANUAL_FILES.get(builder.name.split("/")[0])
+    if files:
+        missing = [f for f in files if not (manual_dir / f).is_file()]
+        what = f"Put {' and '.join(missing or files)} (from image-net.org) in {manual_dir}"
+    else:
+        what = f"Put the archives its instructions name in {manual_dir}"
+    instructions = " ".join((getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "").split())
+    detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0]})" if cause is not None and str(cause) else ""
     return FileNotFoundError(
-        f"TFDS dataset {builder.name!r} needs a manual download, and its archives are missing. {what} "
-        f"(or pass --data-dir to a folder whose downloads/manual/ holds them), then run again; TFDS prepares it "
-        f"once into {builder.data_dir}.\nTFDS instructions: {instructions.strip()}\n({type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else ''})"
+        f"TFDS dataset {builder.name!r} needs a manual download and its archives are missing. {what} "
+        f"(or pass --data-dir DIR with the archives in DIR/downloads/manual), then run again: TFDS prepares "
+        f"it once into {builder.data_dir}. TFDS instructions: {instructions}{detail}"
     )
 
 
@@ -402,24 +411,41 @@ class TFDSSource(ImageSource):
         if not builder.is_prepared():
             if not download:
                 raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (download off).")
-            manual = Path(manual_dir) if manual_dir else Path(builder.data_dir).parents[1] / "downloads" / "manual"
+            # TFDS's default manual folder: <data_dir root>/downloads/manual (data_dir is root/name[/config]/version).
+            root = Path(builder.data_dir).parents[len(builder.info.full_name.split("/")) - 1]
+            manual = Path(manual_dir) if manual_dir else root / "downloads" / "manual"
             try:
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-            except AssertionError as error:  # TFDS asserts on a missing or empty manual_dir
-                raise _manual_download_error(builder, manual, error) from None
+            except (AssertionError, tf.errors.NotFoundError) as error:  # TFDS's own missing-archive errors
+                if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+                    raise _manual_download_error(builder, manual, error) from None
+                raise
         self.image_key, self.label_key = _tfds_image_and_label_keys(builder.info)
-        try:
-            self.num_examples = int(builder.info.splits[split].num_examples)
-        except (KeyError, ValueError) as error:
-            available = ", ".join(builder.info.splits.keys())
-            raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: {available}): {error}") from None
+        self.builder, self.split, self.name = builder, split, f"{name}:{split}"
+        self.num_examples = self._count_examples(builder, split)
         label_feature = builder.info.features[self.label_key] if self.label_key else None
         self.class_names = tuple(label_feature.names) if label_feature is not None else None
         if split.startswith("unlabelled"):
             self.class_names = None  # stl10's unlabelled split carries label -1
         height, width = builder.info.features[self.image_key].shape[:2]
         self.image_shape = (height, width) if height and width else None
-        self.builder, self.split, self.name = builder, split, f"{name}:{split}"
+
+    @staticmethod
+    def _count_examples(builder, split: str) -> int:
+        """Examples in ``split`` from TFDS's metadata (any split string: 'train[:10%]', 'train+validation')."""
+        if builder.info.splits:
+            try:
+                return int(builder.info.splits[split].num_examples)
+            except (KeyError, ValueError) as error:
+                available = ", ".join(builder.info.splits.keys())
+                message = f"TFDS dataset {builder.name!r} has no split {split!r} ({available}): {error}"
+                raise ValueError(message) from None
+        # No split metadata: mocked data (tfds.testing.mock_data). Count what it yields.
+        import tensorflow_datasets as tfds
+
+        image_key, _ = _tfds_image_and_label_keys(builder.info)
+        dataset = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
         import tensorflow_datasets as tfds

@@ -1,0 +1,110 @@
+"""Input pipeline throughput: images/s (and per CPU core) of keras_carp.data.multicrop_dataset.
+
+1. ImageNet recipe, 2 x 224 + 6 x 96, on real JPEGs at ImageNet-like sizes: a
+   few hundred distinct files cut from scikit-learn's sample photos (random
+   crops, flips and rescales to 500x375, 375x500, 500x333 or 400x400, quality
+   90), read from a folder exactly as a user's folder would be, once with each
+   JPEG strategy: decode the whole image once per image, or decode only each
+   crop's window (decode_and_crop_jpeg).
+2. Small-image recipe, 2 x 32, on Fashion-MNIST (Debian's IDX files, resized to
+   32 px at load).
+
+    python bench/input_pipeline.py [--num-images 300] [--batches 30] [--fashion-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_carp.data import FolderSource, MultiCropAugmentation, load_source, multicrop_dataset  # noqa: E402
+
+IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (400, 400))  # (width, height)
+
+
+def make_jpegs(directory: Path, count: int, seed: int = 0) -> None:
+    """``count`` distinct JPEGs cut from scikit-learn's two sample photos."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        height, width = photo.shape[:2]
+        crop_h = int(height * rng.uniform(0.5, 1.0))
+        crop_w = int(width * rng.uniform(0.5, 1.0))
+        top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
+        image = Image.fromarray(photo[top : top + crop_h, left : left + crop_w])
+        if rng.uniform() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        size = IMAGENET_LIKE_SIZES[rng.integers(len(IMAGENET_LIKE_SIZES))]
+        image.resize(size, Image.Resampling.BICUBIC).save(directory / f"{index:04d}.jpg", quality=90)
+
+
+def throughput(dataset: tf.data.Dataset, batch_size: int, batches: int, warmup: int = 5) -> float:
+    """Images per second over ``batches`` batches after ``warmup`` batches."""
+    iterator = iter(dataset.repeat())
+    for _ in range(warmup):
+        next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        tf.nest.map_structure(lambda t: t.numpy(), next(iterator))
+    return batches * batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
+    parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    print(f"machine: {platform.processor() or platform.machine()}, {cores} CPU cores; TensorFlow {tf.__version__}")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.jpeg_dir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(list(folder.glob("*.jpg"))) < args.num_images:
+            make_jpegs(folder, args.num_images)
+        source = FolderSource(folder)
+        mean_kb = np.mean([f.stat().st_size for f in folder.glob("*.jpg")]) / 1024
+        print(f"\n2 x 224 + 6 x 96 on {source.num_examples} JPEGs (ImageNet-like sizes, mean {mean_kb:.0f} KiB)")
+        recipe = MultiCropAugmentation()  # the ImageNet recipe
+        for decode in ("once", "crop"):
+            for deterministic in (True, False):
+                dataset = multicrop_dataset(
+                    source, recipe, args.batch_size, decode=decode, deterministic=deterministic, min_image_size=0
+                )
+                rate = throughput(dataset, args.batch_size, args.batches)
+                print(
+                    f"  decode={decode:<5} deterministic={deterministic!s:<5}  {rate:7.1f} images/s"
+                    f"  {rate / cores:6.1f} images/s/core"
+                )
+
+    try:
+        fashion = load_source("fashion_mnist", "train", args.fashion_dir, image_size=32)
+    except FileNotFoundError as error:
+        print(f"\nFashion-MNIST skipped: {error}")
+        return
+    print(f"\n2 x 32 on Fashion-MNIST ({fashion.num_examples} images, 28 -> 32 px at load)")
+    recipe = MultiCropAugmentation(global_size=32, local_size=16, num_local_crops=0)
+    for deterministic in (True, False):
+        dataset = multicrop_dataset(fashion, recipe, 256, deterministic=deterministic)
+        rate = throughput(dataset, 256, args.batches)
+        print(f"  deterministic={deterministic!s:<5}  {rate:8.1f} images/s  {rate / cores:7.1f} images/s/core")
+
+
+if __name__ == "__main__":
+    main()
