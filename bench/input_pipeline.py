@@ -5,16 +5,21 @@
    crops, flips and rescales to 500x375, 375x500, 500x333 or 400x400, quality
    90), read from a folder exactly as a user's folder would be, once with each
    JPEG strategy: decode the whole image once per image, or decode only each
-   crop's window (decode_and_crop_jpeg).
+   crop's window (decode_and_crop_jpeg); then once more without the
+   antialiasing filter on downscales (faster, but not the reference recipe).
 2. Small-image recipe, 2 x 32, on Fashion-MNIST (Debian's IDX files, resized to
    32 px at load).
 
-    python bench/input_pipeline.py [--num-images 300] [--batches 30] [--fashion-dir DIR]
+Each setting runs ``--rounds`` times, interleaved with the others; the median is
+printed with the range.
+
+    python bench/input_pipeline.py [--num-images 300] [--batches 30] [--rounds 3] [--fashion-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import tempfile
@@ -62,6 +67,30 @@ def throughput(dataset: tf.data.Dataset, batch_size: int, batches: int, warmup: 
     return batches * batch_size / (time.perf_counter() - started)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(settings: dict, batch_sizes: dict, batches: int, rounds: int, cores: int) -> None:
+    """Interleaved rounds over the named datasets; prints median (min-max) images/s and per core."""
+    rates = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, dataset in settings.items():
+            rates[name].append(throughput(dataset, batch_sizes[name], batches))
+    for name, values in rates.items():
+        median = float(np.median(values))
+        print(
+            f"  {name:<34} {median:8.1f} images/s ({min(values):.0f}-{max(values):.0f})"
+            f"  {median / cores:7.1f} images/s/core"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=300)
@@ -69,9 +98,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
     parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} CPU cores; TensorFlow {tf.__version__}")
+    print(f"machine: {cpu_name()}, {cores} CPU cores; TensorFlow {tf.__version__}")
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.jpeg_dir or scratch)
@@ -82,28 +112,29 @@ def main() -> None:
         mean_kb = np.mean([f.stat().st_size for f in folder.glob("*.jpg")]) / 1024
         print(f"\n2 x 224 + 6 x 96 on {source.num_examples} JPEGs (ImageNet-like sizes, mean {mean_kb:.0f} KiB)")
         recipe = MultiCropAugmentation()  # the ImageNet recipe
-        for decode in ("once", "crop"):
-            for deterministic in (True, False):
-                dataset = multicrop_dataset(
-                    source, recipe, args.batch_size, decode=decode, deterministic=deterministic, min_image_size=0
-                )
-                rate = throughput(dataset, args.batch_size, args.batches)
-                print(
-                    f"  decode={decode:<5} deterministic={deterministic!s:<5}  {rate:7.1f} images/s"
-                    f"  {rate / cores:6.1f} images/s/core"
-                )
+        settings = {
+            f"decode={decode} deterministic={deterministic}": multicrop_dataset(
+                source, recipe, args.batch_size, decode=decode, deterministic=deterministic, min_image_size=0
+            )
+            for decode in ("once", "crop")
+            for deterministic in (True, False)
+        }
+        aliased = dataclasses.replace(recipe, antialias=False)
+        settings["decode=once, no antialiasing"] = multicrop_dataset(source, aliased, args.batch_size, min_image_size=0)
+        measure(settings, dict.fromkeys(settings, args.batch_size), args.batches, args.rounds, cores)
 
     try:
         fashion = load_source("fashion_mnist", "train", args.fashion_dir, image_size=32)
     except FileNotFoundError as error:
         print(f"\nFashion-MNIST skipped: {error}")
         return
-    print(f"\n2 x 32 on Fashion-MNIST ({fashion.num_examples} images, 28 -> 32 px at load)")
+    print(f"\n2 x 32 on Fashion-MNIST ({fashion.num_examples} images, 28 -> 32 px at load), batch 256")
     recipe = MultiCropAugmentation(global_size=32, local_size=16, num_local_crops=0)
-    for deterministic in (True, False):
-        dataset = multicrop_dataset(fashion, recipe, 256, deterministic=deterministic)
-        rate = throughput(dataset, 256, args.batches)
-        print(f"  deterministic={deterministic!s:<5}  {rate:8.1f} images/s  {rate / cores:7.1f} images/s/core")
+    settings = {
+        f"deterministic={deterministic}": multicrop_dataset(fashion, recipe, 256, deterministic=deterministic)
+        for deterministic in (True, False)
+    }
+    measure(settings, dict.fromkeys(settings, 256), args.batches, args.rounds, cores)
 
 
 if __name__ == "__main__":

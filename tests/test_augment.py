@@ -9,7 +9,7 @@ from scipy import ndimage
 from sklearn.datasets import load_sample_images
 
 from keras_carp.data import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
-from keras_carp.data.augment import crop_window, gaussian_blur
+from keras_carp.data.augment import crop_window, gaussian_blur, resize_crop
 
 NUM_IMAGES = 1000  # per-view rates: binomial standard error <= 1.6 points at p = 0.5
 
@@ -122,3 +122,13 @@ def test_jpeg_crop_decoding_gives_the_views_of_full_decoding():
     for a, b in zip(full, cropped):
         # libjpeg may upsample chroma differently at a crop's edge; the interior is identical.
         assert np.mean(np.abs(a.numpy() - b.numpy())) < 2e-3
+
+
+@pytest.mark.parametrize("height, width, size", [(300, 300, 224), (400, 260, 224), (150, 150, 96), (60, 60, 96)])
+def test_crop_resize_matches_pil_bicubic_as_torchvision_uses_it(height, width, size):
+    from PIL import Image
+
+    crop = load_sample_images().images[0][50 : 50 + height, 80 : 80 + width]
+    expected = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC), "float32")
+    resized = resize_crop(tf.constant(crop, tf.float32) / 255.0, size).numpy() * 255.0
+    assert np.abs(np.round(resized) - expected).mean() < 0.3  # plain bicubic is 3-6 grey levels off on downscales

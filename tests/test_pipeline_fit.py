@@ -24,7 +24,8 @@ def test_folder_pipeline_with_a_truncated_file_trains_and_reports_the_skip(tmp_p
     dataset = multicrop_dataset(source, recipe, 4, seed=0)
     model = tiny_model()
     model.compile(optimizer="sgd")
-    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[TeacherEMA(total_steps=4), SkippedImagesLogger(source)])
+    callbacks = [TeacherEMA(total_steps=4), SkippedImagesLogger(source)]
+    history = model.fit(dataset, epochs=2, verbose=0, callbacks=callbacks)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["skipped_images"] == [1, 2]  # the broken file, once per pass
 

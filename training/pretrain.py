@@ -58,6 +58,7 @@ def parse_config(argv: list[str] | None = None) -> dict:
     data.add_argument("--min-image-size", type=int, default=None, help="smaller images are an error (0: upsample)")
     data.add_argument("--decode", choices=("once", "crop"), default="once", help="JPEG decoding per image or crop")
     data.add_argument("--cache", type=_boolean, default=False, help="cache encoded images in memory")
+    data.add_argument("--antialias", type=_boolean, default=True, help="PIL-like filter on downscaled crops")
     for key, value in preset.items():
         if key == "description":
             continue
@@ -108,6 +109,7 @@ def run(config: dict) -> dict:
         global_scale=tuple(config["global_scale"]),
         local_scale=tuple(config["local_scale"]),
         blur_sigma=tuple(config["blur_sigma"]),
+        antialias=config["antialias"],
     )
 
     # Every data problem (unknown name, missing files, small images, empty folder) surfaces here, before training.

@@ -46,9 +46,23 @@ def crop_window(image_shape, scale, ratio, seed):
     return offset[:2], size[:2]
 
 
-def resize_crop(crop, size: int):
-    """Bicubic resize of a crop to size x size, clipped back to [0, 1]."""
-    return tf.clip_by_value(tf.image.resize(crop, (size, size), method="bicubic"), 0.0, 1.0)
+def resize_crop(crop, size: int, antialias: bool = True):
+    """Bicubic resize of a crop to size x size, clipped back to [0, 1].
+
+    With ``antialias`` a downscale filters like PIL's bicubic (what torchvision's
+    RandomResizedCrop, and so the reference recipe, does); an upscale needs no
+    filter and takes TensorFlow's faster plain bicubic, equally close to PIL.
+    """
+    shrinks = tf.reduce_any(tf.shape(crop)[:2] > size)
+    if antialias:
+        resized = tf.cond(
+            shrinks,
+            lambda: tf.image.resize(crop, (size, size), method="bicubic", antialias=True),
+            lambda: tf.image.resize(crop, (size, size), method="bicubic"),
+        )
+    else:
+        resized = tf.image.resize(crop, (size, size), method="bicubic")
+    return tf.clip_by_value(resized, 0.0, 1.0)
 
 
 def to_float_image(image):
@@ -114,6 +128,7 @@ class MultiCropAugmentation:
     solarize_probability: float = 0.2  # view 2 only
     jitter_probability: float = 0.8
     grayscale_probability: float = 0.2
+    antialias: bool = True  # False: plain bicubic on downscale too (faster, aliased; not the reference recipe)
 
     def __post_init__(self):
         if self.num_global_crops != 2:
@@ -152,7 +167,7 @@ class MultiCropAugmentation:
 
     def finish_view(self, crop, seeds, size: int, blur_probability: float, solarize_probability: float):
         """Resize a cropped window, then flip, jitter, grayscale, blur, solarise and normalise it."""
-        x = resize_crop(crop, size)
+        x = resize_crop(crop, size, self.antialias)
         x = tf.image.stateless_random_flip_left_right(x, seeds[1])
         x = _maybe(self.jitter_probability, seeds[2], lambda y: color_jitter(y, seeds[3:7]), x)
         x = _maybe(self.grayscale_probability, seeds[7], lambda y: tf.tile(tf.image.rgb_to_grayscale(y), [1, 1, 3]), x)
