@@ -89,6 +89,7 @@ def prepare_output_dir(path: str | None, preset: str) -> Path:
 def run(config: dict) -> dict:
     """Pretrain, evaluate, save; returns the summary written to summary.json."""
     import keras
+    import numpy as np
 
     import keras_carp
     from keras_carp.data import (
@@ -98,7 +99,7 @@ def run(config: dict) -> dict:
         load_source,
         multicrop_dataset,
     )
-    from keras_carp.evaluation import extract_labelled_features, weighted_knn
+    from keras_carp.evaluation import CollapseMonitor, KNNMonitor, extract_labelled_features, weighted_knn
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
     keras.utils.set_random_seed(config["seed"])
@@ -162,12 +163,13 @@ def run(config: dict) -> dict:
         raise SystemExit(f"carp-pretrain: {error}") from None
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
+    size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
+    bank = eval_dataset(train_source, size, crop_fraction=crop_fraction) if eval_source else None
+    queries = eval_dataset(eval_source, size, crop_fraction=crop_fraction) if eval_source else None
+
     def knn(encoder) -> dict | None:
         if eval_source is None:
             return None
-        size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
-        bank = eval_dataset(train_source, size, crop_fraction=crop_fraction)
-        queries = eval_dataset(eval_source, size, crop_fraction=crop_fraction)
         train_features, train_labels = extract_labelled_features(encoder, bank)
         test_features, test_labels = extract_labelled_features(encoder, queries)
         return weighted_knn(
@@ -181,6 +183,12 @@ def run(config: dict) -> dict:
         )
 
     random_init = knn(model.teacher_encoder)
+    monitors = []
+    if eval_source is not None and config.get("knn_every", 0) > 0:
+        monitors.append(KNNMonitor(bank, queries, config["knn_every"], config["knn_k"], config["knn_temperature"]))
+    probe = eval_dataset(train_source, size, batch_size=256, crop_fraction=crop_fraction).take(2)
+    probe_images = np.concatenate([batch[0] if isinstance(batch, tuple) else batch for batch in probe])
+    monitors.append(CollapseMonitor(probe_images))
     model.compile(optimizer=optimizer)
     started = time.time()
     history = model.fit(
@@ -189,11 +197,13 @@ def run(config: dict) -> dict:
         callbacks=[
             teacher_ema,
             SkippedImagesLogger(train_source),
+            *monitors,
             keras.callbacks.CSVLogger(str(out / "training_log.csv")),
         ],
     )
     train_seconds = time.time() - started
-    learned = knn(model.teacher_encoder)
+    last_epoch = config["epochs"]
+    learned = monitors[0].history[last_epoch] if isinstance(monitors[0], KNNMonitor) else knn(model.teacher_encoder)
     model.save(out / "model.keras")
     summary = {
         "preset": config["preset"],

@@ -171,7 +171,7 @@ def eval_dataset(
     labels=None,
     crop_fraction: float = 1.0,
 ) -> tf.data.Dataset:
-    """Batches of ``(normalised images, labels)`` in a fixed order, for features of a frozen encoder.
+    """Batches of ``(normalised images, labels)`` (images alone when unlabelled) in a fixed order.
 
     Every image is resized so its shorter side is ``image_size / crop_fraction``
     and centre-cropped (``crop_fraction=224/256`` is ImageNet's resize 256 /
@@ -180,13 +180,12 @@ def eval_dataset(
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
     source = _as_source(images, labels)
-    if not source.has_labels:
-        raise ValueError(f"{source.name} has no labels to evaluate with.")
 
     def prepare(record):
         example = source.load(record)
         image = decode_image(example["encoded"]) if "encoded" in example else example["image"]
-        return normalize(center_crop(image, image_size, crop_fraction)), example["label"]
+        image = normalize(center_crop(image, image_size, crop_fraction))
+        return (image, example["label"]) if "label" in example else image
 
     dataset = source.records().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if source.encoded:
