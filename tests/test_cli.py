@@ -109,3 +109,47 @@ def test_data_problems_stop_before_training(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         pretrain.main(TINY + args + ["--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_carp_eval_scores_a_trained_checkpoint_and_raw_pixels(tmp_path, capsys):
+    from training import evaluate
+
+    run = tmp_path / "run"
+    assert pretrain.main(TINY + ["--output-dir", str(run)]) == 0
+    quick = ["--dataset", "digits", "--linear-epochs", "2", "--fewshot-episodes", "20", "--knn-k", "5", "20"]
+    assert evaluate.main(["--model", str(run / "model.keras")] + quick) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["image_size"] == 16 and results["feature_dim"] == 128  # from the run's config.json
+    summary = json.loads((run / "summary.json").read_text())
+    assert results["knn"]["20"]["top1"] == pytest.approx(summary["knn_top1"])  # same protocol as carp-pretrain
+    for key in ("linear", "kmeans", "fewshot", "retrieval"):
+        assert key in results
+    assert 0 <= results["kmeans"]["nmi"] <= 1 and 0 <= results["retrieval"]["map"] <= 100
+    pixels = tmp_path / "pixels.json"
+    assert evaluate.main(["--model", "pixels", "--image-size", "16", "--protocols", "knn", "--output", str(pixels)]
+                         + quick[:2] + ["--knn-k", "20"]) == 0  # fmt: skip
+    assert json.loads(pixels.read_text())["feature_dim"] == 16 * 16 * 3
+    assert "k-NN k=20" in capsys.readouterr().out
+
+
+def test_carp_eval_reports_bad_input_before_any_work(tmp_path):
+    from training import evaluate
+
+    with pytest.raises(SystemExit, match="no model at"):
+        evaluate.main(["--model", str(tmp_path / "missing.keras"), "--output", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "pixels", "--protocols", "knn,magic"])
+
+
+def test_carp_eval_loads_an_exported_savedmodel_encoder(tmp_path):
+    import keras
+
+    from keras_carp import build_encoder
+    from training import evaluate
+
+    encoder = build_encoder("resnet_tiny")
+    encoder.export(str(tmp_path / "encoder"), verbose=False)
+    loaded = evaluate.load_encoder(str(tmp_path / "encoder"))
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(encoder(images, training=False))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images)), expected, atol=1e-5)

@@ -6,7 +6,13 @@ on TensorFlow, JAX and PyTorch alike.
 
 from keras_carp.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, normalize
 from keras_carp.data.callbacks import SkippedImagesLogger
-from keras_carp.data.pipeline import center_crop, decode_image, eval_dataset, multicrop_dataset
+from keras_carp.data.pipeline import (
+    center_crop,
+    classification_dataset,
+    decode_image,
+    eval_dataset,
+    multicrop_dataset,
+)
 from keras_carp.data.sources import (
     ArraySource,
     FolderSource,
@@ -28,6 +34,7 @@ __all__ = [
     "SkippedImagesLogger",
     "TFDSSource",
     "center_crop",
+    "classification_dataset",
     "decode_image",
     "eval_dataset",
     "load_digits",

@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_carp.data.augment import MultiCropAugmentation, normalize, to_float_image
+from keras_carp.data.augment import MultiCropAugmentation, crop_window, normalize, resize_crop, to_float_image
 from keras_carp.data.sources import ArraySource, FolderSource, ImageSource
 
 logger = logging.getLogger("keras_carp.data")
@@ -191,3 +191,34 @@ def eval_dataset(
     if source.encoded:
         dataset = dataset.ignore_errors(log_warning=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def classification_dataset(
+    images,
+    image_size: int,
+    batch_size: int = 256,
+    labels=None,
+    scale: tuple = (0.08, 1.0),
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Shuffled, repeating ``(images, labels)`` batches with random resized crop + flip: linear-probe training."""
+    source = _as_source(images, labels)
+    if not source.has_labels:
+        raise ValueError(f"{source.name} has no labels to train a classifier on.")
+    ratio = (3 / 4, 4 / 3)
+
+    def prepare(record, seed_pair):
+        example = source.load(record)
+        image = to_float_image(decode_image(example["encoded"]) if "encoded" in example else example["image"])
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed_pair, 2))
+        offset, window = crop_window(tf.shape(image), scale, ratio, crop_seed)
+        crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([window, [3]], 0))
+        crop = tf.image.stateless_random_flip_left_right(resize_crop(crop, image_size), flip_seed)
+        return normalize(crop), example["label"]
+
+    records = source.records(seed=seed).shuffle(min(source.num_examples, 10_000), seed=seed).repeat()
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    dataset = tf.data.Dataset.zip(records, seeds).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if source.encoded:
+        dataset = dataset.ignore_errors(log_warning=True)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

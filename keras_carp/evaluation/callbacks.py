@@ -24,8 +24,9 @@ class KNNMonitor(keras.callbacks.Callback):
 
     ``train_data`` (the memory bank) and ``test_data`` are iterables of
     ``(images, labels)`` batches, e.g. ``keras_carp.data.eval_dataset``. Put it
-    before ``CSVLogger``/``TensorBoard`` in the callback list so they record it;
-    epochs it skips log nothing for these keys.
+    before ``CSVLogger``/``TensorBoard`` in the callback list so they record it.
+    Epochs it skips log NaN, so that CSVLogger (which fixes its columns at the
+    first epoch) keeps the columns.
     """
 
     def __init__(self, train_data, test_data, every: int = 1, k: int = 20, temperature: float = 0.07,
@@ -45,6 +46,8 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every and epoch + 1 != self.params.get("epochs"):
+            if logs is not None:
+                logs["knn_top1"] = logs["knn_top5"] = float("nan")
             return
         result = self.evaluate()
         self.history[epoch + 1] = result
@@ -59,10 +62,11 @@ class CollapseMonitor(keras.callbacks.Callback):
 
     Each probe image is assigned to the prototype with the largest teacher
     logit, with batch norm on batch statistics as in training (inside a
-    ``StatelessScope``, so the moving averages are left alone). Logged: ``prototype_usage`` (distinct prototypes assigned /
-    min(K, probes)) and ``largest_assignment_share`` (fraction of probes on the
-    most popular prototype). The one-block (N_B = K) runs of the paper collapse
-    to a handful of prototypes; this flags that within the epoch it happens.
+    ``StatelessScope``, so the moving averages are left alone). Logged:
+    ``prototype_usage`` (distinct prototypes assigned / min(K, probes)) and
+    ``largest_assignment_share`` (fraction of probes on the most popular
+    prototype). The paper's one-block (N_B = K) runs collapse onto a handful
+    of prototypes; this flags it at the end of the epoch where it happens.
     """
 
     def __init__(self, probe_images, max_share: float = 0.5, batch_size: int = 256):

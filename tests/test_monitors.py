@@ -1,0 +1,50 @@
+"""KNNMonitor and CollapseMonitor inside a short fit, on every backend."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+from keras_carp.evaluation import CollapseMonitor, KNNMonitor
+from tests.conftest import random_views, tiny_model
+
+pytestmark = pytest.mark.core
+
+
+def _labelled_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(16, 16, 16, 3)).astype("float32"), rng.integers(0, 3, 16)) for _ in range(2)]
+
+
+def test_knn_and_collapse_monitors_write_into_the_epoch_logs(tmp_path):
+    model = tiny_model()
+    model.compile(optimizer="sgd")
+    knn = KNNMonitor(_labelled_batches(0), _labelled_batches(1), every=2, k=5)
+    collapse = CollapseMonitor(_labelled_batches(2)[0][0])
+    history = model.fit(
+        random_views(batch=8),
+        epochs=2,
+        verbose=0,
+        callbacks=[knn, collapse, keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))],
+    )
+    first, second = history.history["knn_top1"]
+    assert np.isnan(first) and 0 <= second <= 100  # evaluated at epoch 2 only
+    assert list(knn.history) == [2]
+    assert all(0 < usage <= 1 for usage in history.history["prototype_usage"])
+    header = (tmp_path / "log.csv").read_text().splitlines()[0]
+    assert "knn_top1" in header and "largest_assignment_share" in header
+
+
+def test_collapse_monitor_warns_when_every_probe_lands_on_one_prototype(caplog):
+    model = tiny_model()
+    prototypes = model.teacher_head.prototypes
+    prototypes.assign(np.repeat(keras.ops.convert_to_numpy(prototypes)[:1], prototypes.shape[0], axis=0))
+    model.compile(optimizer="sgd")
+    monitor = CollapseMonitor(_labelled_batches(3)[0][0], max_share=0.5)
+    monitor.set_model(model)
+    logs = {}
+    with caplog.at_level(logging.WARNING, logger="keras_carp.evaluation"):
+        monitor.on_epoch_end(0, logs)
+    assert logs["largest_assignment_share"] == 1.0 and monitor.collapsed_epochs == [1]
+    assert "COLLAPSE" in caplog.text

@@ -1,0 +1,210 @@
+"""carp-eval: score a frozen encoder with the standard protocols (k-NN, linear probe, k-means, few-shot, retrieval).
+
+    carp-eval --model runs/fashion/model.keras --dataset fashion_mnist
+    carp-eval --model pixels --dataset fashion_mnist --image-size 28      # the raw-pixel baseline
+
+``--model`` is a ``.keras`` file (a CARP model: its teacher encoder by default,
+or any Keras encoder), an exported TensorFlow SavedModel folder, or ``pixels``.
+Features of the ``--train-split`` (memory bank / probe training set / gallery)
+and ``--test-split`` are extracted once; results print as a table and go to
+``--output`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+PROTOCOLS = ("knn", "linear", "kmeans", "fewshot", "retrieval")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="carp-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help=".keras file, SavedModel folder, or 'pixels'")
+    parser.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
+    parser.add_argument("--dataset", default="digits", help="as carp-pretrain --dataset")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the run's global_size, else 224")
+    parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (224/256 for ImageNet)")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma list of {', '.join(PROTOCOLS)}")
+    parser.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 100, 200])
+    parser.add_argument("--knn-temperature", type=float, default=0.07)
+    parser.add_argument("--linear-epochs", type=int, default=100)
+    parser.add_argument("--fewshot-ways", type=int, default=5)
+    parser.add_argument("--fewshot-shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--fewshot-episodes", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--cache-dir", default=None, help="keep extracted features here (.npz)")
+    parser.add_argument("--output", default=None, help="JSON results (default: next to the model)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = sorted(set(args.protocols) - set(PROTOCOLS))
+    if unknown:
+        parser.error(f"unknown protocols {unknown}; choose from {', '.join(PROTOCOLS)}")
+    return args
+
+
+def load_encoder(path: str, which: str = "teacher"):
+    """A Keras encoder from a .keras file (CARP -> teacher/student encoder), a SavedModel folder, or 'pixels'."""
+    import keras
+
+    from keras_carp.data import IMAGENET_MEAN, IMAGENET_STD
+
+    if path == "pixels":
+        inputs = keras.Input((None, None, 3))
+        pixels = inputs * keras.ops.convert_to_tensor(IMAGENET_STD) + keras.ops.convert_to_tensor(IMAGENET_MEAN)
+        return keras.Model(inputs, keras.layers.Flatten()(pixels), name="raw_pixels")
+    location = Path(path)
+    if location.is_dir() and (location / "saved_model.pb").is_file():
+        if keras.backend.backend() != "tensorflow":
+            raise SystemExit("carp-eval: SavedModel encoders load on the TensorFlow backend only.")
+        layer = keras.layers.TFSMLayer(str(location), call_endpoint="serving_default")
+        inputs = keras.Input((None, None, 3))
+        outputs = layer(inputs)
+        outputs = next(iter(outputs.values())) if isinstance(outputs, dict) else outputs
+        return keras.Model(inputs, outputs, name="saved_model_encoder")
+    if not location.is_file():
+        raise SystemExit(f"carp-eval: no model at {location} (expected a .keras file or a SavedModel folder).")
+    import keras_carp  # noqa: F401  (registers the CARP classes for deserialisation)
+
+    model = keras.saving.load_model(location, compile=False)
+    if hasattr(model, "teacher_encoder"):
+        return model.teacher_encoder if which == "teacher" else model.student_encoder
+    return model
+
+
+def _default_image_size(model_path: str) -> int:
+    config = Path(model_path).parent / "config.json"
+    if model_path != "pixels" and config.is_file():
+        return int(json.loads(config.read_text()).get("global_size", 224))
+    return 224
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Extract features once, run the protocols, return the results dict."""
+    import numpy as np
+
+    from keras_carp.data import eval_dataset, load_source
+    from keras_carp.evaluation import (
+        extract_labelled_features,
+        few_shot,
+        kmeans_scores,
+        linear_probe,
+        retrieval_map,
+        weighted_knn,
+    )
+
+    image_size = args.image_size or _default_image_size(args.model)
+    crop_fraction = args.crop_fraction or (224 / 256 if image_size >= 128 else 1.0)
+    try:
+        sources = {split: load_source(args.dataset, split, args.data_dir, image_size=image_size)
+                   for split in (args.train_split, args.test_split)}  # fmt: skip
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"carp-eval: {error}") from None
+    for split, source in sources.items():
+        if not source.has_labels:
+            raise SystemExit(f"carp-eval: {source.name} has no labels; every protocol needs them.")
+    if args.output:
+        output = Path(args.output)
+    else:
+        output = Path(args.model).parent / "eval.json" if args.model != "pixels" else Path("eval_pixels.json")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.touch()
+    except OSError as error:
+        raise SystemExit(f"carp-eval: cannot write {output}: {error}") from None
+    encoder = load_encoder(args.model, args.encoder)
+
+    features = {}
+    for role, split in (("train", args.train_split), ("test", args.test_split)):
+        cache = (
+            Path(args.cache_dir) / f"{args.dataset}-{split}-{image_size}.npz".replace("/", "_")
+            if args.cache_dir
+            else None
+        )
+        data = eval_dataset(sources[split], image_size, args.batch_size, crop_fraction=crop_fraction)
+        print(f"features of {sources[split].name} ({sources[split].num_examples} images, {image_size} px)")
+        features[role] = extract_labelled_features(encoder, data, progress=True, cache_path=cache)
+    (train, train_labels), (test, test_labels) = features["train"], features["test"]
+    num_classes = len(sources[args.train_split].class_names)
+
+    results = {
+        "model": args.model,
+        "encoder": args.encoder,
+        "dataset": args.dataset,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "image_size": image_size,
+        "feature_dim": int(train.shape[1]),
+    }
+    timings = {}
+    for protocol in args.protocols:
+        started = time.time()
+        if protocol == "knn":
+            swept = weighted_knn(train, train_labels, test, test_labels, args.knn_k, args.knn_temperature, num_classes)
+            results["knn"] = {str(k): v for k, v in swept.items()}
+        elif protocol == "linear":
+            results["linear"] = linear_probe(train, train_labels, test, test_labels, num_classes,
+                                             epochs=args.linear_epochs, seed=args.seed)  # fmt: skip
+        elif protocol == "kmeans":
+            results["kmeans"] = kmeans_scores(test, test_labels, num_classes, seed=args.seed)
+        elif protocol == "fewshot":
+            results["fewshot"] = {
+                f"{args.fewshot_ways}way_{shots}shot": few_shot(test, test_labels, args.fewshot_ways, shots,
+                                                                episodes=args.fewshot_episodes, seed=args.seed)
+                for shots in args.fewshot_shots
+            }  # fmt: skip
+        elif protocol == "retrieval":
+            results["retrieval"] = retrieval_map(test, test_labels, train, train_labels)
+        timings[protocol] = round(time.time() - started, 1)
+    results["seconds"] = timings
+    output.write_text(json.dumps(results, indent=2, default=lambda x: np.asarray(x).tolist()))
+    results["output"] = str(output)
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = []
+    for k, scores in results.get("knn", {}).items():
+        rows.append((f"k-NN k={k}", f"top-1 {scores['top1']:.2f}", f"top-5 {scores['top5']:.2f}"))
+    if "linear" in results:
+        rows.append(
+            ("linear probe", f"top-1 {results['linear']['top1']:.2f}", f"top-5 {results['linear']['top5']:.2f}")
+        )
+    if "kmeans" in results:
+        m = results["kmeans"]
+        rows.append(
+            (
+                "k-means",
+                f"NMI {m['nmi']:.3f}  AMI {m['adjusted_nmi']:.3f}",
+                f"ARI {m['ari']:.3f}  acc {m['accuracy']:.2f}",
+            )
+        )
+    for name, m in results.get("fewshot", {}).items():
+        rows.append((f"few-shot {name}", f"{m['accuracy']:.2f} ± {m['ci95']:.2f}", f"{m['episodes']} episodes"))
+    if "retrieval" in results:
+        m = results["retrieval"]
+        rows.append(("retrieval", f"mAP {m['map']:.2f}", f"P@1 {m['precision_at_1']:.2f}"))
+    width = max(len(r[0]) for r in rows) if rows else 0
+    return "\n".join(f"  {a:<{width}}  {b:<28} {c}" for a, b, c in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    results = evaluate(args)
+    print(f"\n{args.model} ({args.encoder} encoder) on {args.dataset} {args.test_split}:")
+    print(format_table(results))
+    print(f"results in {results['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
