@@ -110,3 +110,24 @@ def test_features_are_cached_to_disk(tmp_path):
     cached, cached_labels = extract_labelled_features(None, [], cache_path=tmp_path / "f.npz")
     np.testing.assert_array_equal(cached, features)
     np.testing.assert_array_equal(cached_labels, labels)
+
+
+def test_linear_probe_on_images_trains_a_dense_layer_on_the_frozen_encoder():
+    import keras
+
+    from keras_carp import build_encoder
+    from keras_carp.data import classification_dataset, eval_dataset
+    from keras_carp.evaluation import linear_probe_on_images
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(2), 16)
+    images = rng.uniform(0, 0.3, size=(32, 20, 20, 3)).astype("float32")
+    images[labels == 1, :, :, 0] += 0.7  # class 1 is red: linearly separable from frozen features
+    encoder = build_encoder("resnet_tiny")
+    before = [keras.ops.convert_to_numpy(w).copy() for w in encoder.weights]
+    train = classification_dataset(images, 16, batch_size=8, labels=labels, scale=(0.5, 1.0))
+    test = eval_dataset(images, 16, batch_size=16, labels=labels)
+    result = linear_probe_on_images(encoder, train, test, num_classes=2, epochs=3, steps_per_epoch=8, learning_rate=0.1)
+    assert result["top1"] >= 90.0
+    for w, b in zip(encoder.weights, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)  # the encoder stayed frozen
