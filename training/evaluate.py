@@ -115,9 +115,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         output = Path(args.output)
     else:
         output = Path(args.model).parent / "eval.json" if args.model != "pixels" else Path("eval_pixels.json")
-    try:
+    try:  # prove the output folder is writable before extracting anything, without leaving a file behind
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.touch()
+        probe = output.parent / f".{output.name}.write-test"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as error:
         raise SystemExit(f"carp-eval: cannot write {output}: {error}") from None
     encoder = load_encoder(args.model, args.encoder)

@@ -99,7 +99,7 @@ def run(config: dict) -> dict:
         load_source,
         multicrop_dataset,
     )
-    from keras_carp.evaluation import CollapseMonitor, KNNMonitor, extract_labelled_features, weighted_knn
+    from keras_carp.evaluation import CollapseMonitor, KNNMonitor, knn_accuracy
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
     keras.utils.set_random_seed(config["seed"])
@@ -167,25 +167,16 @@ def run(config: dict) -> dict:
     bank = eval_dataset(train_source, size, crop_fraction=crop_fraction) if eval_source else None
     queries = eval_dataset(eval_source, size, crop_fraction=crop_fraction) if eval_source else None
 
+    num_classes = len(train_source.class_names) if eval_source else None
+    knn_settings = dict(k=config["knn_k"], temperature=config["knn_temperature"], num_classes=num_classes)
+
     def knn(encoder) -> dict | None:
-        if eval_source is None:
-            return None
-        train_features, train_labels = extract_labelled_features(encoder, bank)
-        test_features, test_labels = extract_labelled_features(encoder, queries)
-        return weighted_knn(
-            train_features,
-            train_labels,
-            test_features,
-            test_labels,
-            k=config["knn_k"],
-            temperature=config["knn_temperature"],
-            num_classes=len(train_source.class_names),
-        )
+        return knn_accuracy(encoder, bank, queries, **knn_settings) if eval_source is not None else None
 
     random_init = knn(model.teacher_encoder)
     monitors = []
     if eval_source is not None and config.get("knn_every", 0) > 0:
-        monitors.append(KNNMonitor(bank, queries, config["knn_every"], config["knn_k"], config["knn_temperature"]))
+        monitors.append(KNNMonitor(bank, queries, config["knn_every"], **knn_settings))
     probe = eval_dataset(train_source, size, batch_size=256, crop_fraction=crop_fraction).take(2)
     probe_images = np.concatenate([batch[0] if isinstance(batch, tuple) else batch for batch in probe])
     monitors.append(CollapseMonitor(probe_images))

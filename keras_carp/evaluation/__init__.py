@@ -4,7 +4,7 @@ from keras_carp.evaluation.callbacks import CollapseMonitor, KNNMonitor
 from keras_carp.evaluation.clustering import clustering_accuracy, kmeans_scores
 from keras_carp.evaluation.features import extract_features, extract_labelled_features
 from keras_carp.evaluation.fewshot import few_shot
-from keras_carp.evaluation.knn import l2_normalize, weighted_knn
+from keras_carp.evaluation.knn import knn_accuracy, l2_normalize, weighted_knn
 from keras_carp.evaluation.linear import linear_probe, linear_probe_on_images
 from keras_carp.evaluation.retrieval import retrieval_map
 
@@ -16,6 +16,7 @@ __all__ = [
     "extract_labelled_features",
     "few_shot",
     "kmeans_scores",
+    "knn_accuracy",
     "l2_normalize",
     "linear_probe",
     "linear_probe_on_images",

@@ -7,8 +7,7 @@ import logging
 import keras
 import numpy as np
 
-from keras_carp.evaluation.features import extract_labelled_features
-from keras_carp.evaluation.knn import weighted_knn
+from keras_carp.evaluation.knn import knn_accuracy
 
 logger = logging.getLogger("keras_carp.evaluation")
 
@@ -30,19 +29,18 @@ class KNNMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, train_data, test_data, every: int = 1, k: int = 20, temperature: float = 0.07,
-                 encoder: str = "teacher"):  # fmt: skip
+                 encoder: str = "teacher", num_classes: int | None = None):  # fmt: skip
         super().__init__()
         if every <= 0:
             raise ValueError(f"every must be a positive number of epochs, got {every}.")
         self.train_data, self.test_data = train_data, test_data
         self.every, self.k, self.temperature, self.which = every, k, temperature, encoder
+        self.num_classes = num_classes
         self.history: dict[int, dict] = {}
 
     def evaluate(self) -> dict:
         encoder = _encoder(self.model, self.which)
-        train_features, train_labels = extract_labelled_features(encoder, self.train_data)
-        test_features, test_labels = extract_labelled_features(encoder, self.test_data)
-        return weighted_knn(train_features, train_labels, test_features, test_labels, self.k, self.temperature)
+        return knn_accuracy(encoder, self.train_data, self.test_data, self.k, self.temperature, self.num_classes)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every and epoch + 1 != self.params.get("epochs"):

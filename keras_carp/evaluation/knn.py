@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from keras_carp.evaluation.features import extract_labelled_features
+
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, "float32")
@@ -60,3 +62,12 @@ def weighted_knn(
             hits[kk][1] += int((ranked[:, :5] == truth).any(axis=1).sum())
     results = {kk: {"top1": 100.0 * h1 / len(test), "top5": 100.0 * h5 / len(test)} for kk, (h1, h5) in hits.items()}
     return results[ks[0]] if np.isscalar(k) else results
+
+
+def knn_accuracy(
+    encoder, bank, queries, k: int = 20, temperature: float = 0.07, num_classes: int | None = None
+) -> dict:
+    """``weighted_knn`` of an encoder: features of the labelled ``bank`` and ``queries`` batches, then the vote."""
+    train_features, train_labels = extract_labelled_features(encoder, bank)
+    test_features, test_labels = extract_labelled_features(encoder, queries)
+    return weighted_knn(train_features, train_labels, test_features, test_labels, k, temperature, num_classes)
