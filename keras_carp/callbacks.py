@@ -65,3 +65,11 @@ class TeacherEMA(keras.callbacks.Callback):
             "final_momentum": self.final_momentum,
             "total_steps": self.requested_total_steps,
         }
+
+    def resolved_config(self) -> dict:
+        """The config with the run's length filled in (saved with a model so a resumed run keeps the schedule)."""
+        return {**self.get_config(), "total_steps": self.total_steps}
+
+    @classmethod
+    def from_config(cls, config: dict) -> TeacherEMA:
+        return cls(**config)

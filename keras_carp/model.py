@@ -194,15 +194,31 @@ class CARP(keras.Model):
 
     def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
         """``keras.Model.compile``; "auto" compiles the step with XLA on TensorFlow and JAX."""
+        requested_jit_compile = jit_compile
         if jit_compile == "auto":
             jit_compile = keras.backend.backend() in ("tensorflow", "jax")
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+        self._requested_jit_compile = requested_jit_compile
+
+    def get_compile_config(self) -> dict | None:
+        """``compile``'s arguments for the ``.keras`` file; "auto" stays "auto" so another backend can load it."""
+        config = super().get_compile_config()
+        if config is not None:
+            config["jit_compile"] = getattr(self, "_requested_jit_compile", config.get("jit_compile", "auto"))
+        return config
+
+    def compile_from_config(self, config: dict) -> None:
+        """Recompile from a ``.keras`` file and create the optimizer's variables so its saved state loads."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``, with a default ``TeacherEMA()`` when none is given."""
+        """``keras.Model.fit``; without a ``TeacherEMA`` callback, the attached (or saved) one, else ``TeacherEMA()``."""
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TeacherEMA) for c in callbacks):
-            callbacks.append(TeacherEMA())
+            # A model loaded from a .keras file carries its run's schedule, so training resumes on it.
+            callbacks.append(self.teacher_ema or TeacherEMA())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def call(self, images, training=False):
@@ -217,6 +233,8 @@ class CARP(keras.Model):
             "block_size": self.block_size,
             "partition": self.partition,
             "seed": self.seed,
+            # The momentum schedule of the run in progress (total_steps resolved), so a loaded model resumes on it.
+            "teacher_ema": None if self.teacher_ema is None else self.teacher_ema.resolved_config(),
         }
 
     @classmethod
@@ -224,4 +242,8 @@ class CARP(keras.Model):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
-        return cls(**config)
+        teacher_ema = config.pop("teacher_ema", None)
+        model = cls(**config)
+        if teacher_ema is not None:
+            model.teacher_ema = TeacherEMA.from_config(teacher_ema)
+        return model

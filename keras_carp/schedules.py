@@ -37,6 +37,14 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         min_learning_rate: float = 0.0,
         reference_batch_size: int = 256,
     ):
+        for label, value in (
+            ("global_batch_size", global_batch_size),
+            ("total_steps", total_steps),
+            ("warmup_steps", warmup_steps),
+            ("reference_batch_size", reference_batch_size),
+        ):
+            if isinstance(value, bool) or int(value) != value:
+                raise ValueError(f"{label} must be an integer number of images or steps, got {value!r}.")
         if base_learning_rate <= 0 or global_batch_size <= 0 or total_steps <= 0 or reference_batch_size <= 0:
             raise ValueError(
                 "base_learning_rate, global_batch_size, total_steps and reference_batch_size must be positive; got "
