@@ -214,7 +214,7 @@ class CARP(keras.Model):
         self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``; without a ``TeacherEMA`` callback, the attached (or saved) one, else ``TeacherEMA()``."""
+        """``keras.Model.fit``; without a ``TeacherEMA`` callback: the attached or saved one, else the default."""
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TeacherEMA) for c in callbacks):
             # A model loaded from a .keras file carries its run's schedule, so training resumes on it.
