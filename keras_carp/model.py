@@ -221,6 +221,16 @@ class CARP(keras.Model):
             callbacks.append(self.teacher_ema or TeacherEMA())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
+    def export_encoder(self, path, encoder: str = "teacher", **kwargs):
+        """Write the teacher (or student) encoder as a TensorFlow SavedModel; see ``keras_carp.export``.
+
+        Keyword arguments: ``preprocessing`` (a ``ServingPreprocessing``),
+        ``include_embedding``, ``include_assignments``, ``overwrite``.
+        """
+        from keras_carp.export import export_encoder
+
+        return export_encoder(self, path, encoder=encoder, **kwargs)
+
     def call(self, images, training=False):
         """Pooled features of the teacher encoder (the one exported and evaluated)."""
         return self.teacher_encoder(images, training=training)

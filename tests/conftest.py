@@ -1,3 +1,4 @@
+import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -35,3 +36,14 @@ def random_views(batch=8, global_size=16, local_size=8, num_local=2, seed=0):
 
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def require_optional(module: str):
+    """Import an optional dependency of a test: skip without it, but fail when CI says it must be there.
+
+    CI sets KERAS_CARP_REQUIRE_OPTIONAL=1 so that torch- and safetensors-dependent
+    tests can never pass by being skipped.
+    """
+    if os.environ.get("KERAS_CARP_REQUIRE_OPTIONAL") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

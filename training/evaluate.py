@@ -65,10 +65,15 @@ def load_encoder(path: str, which: str = "teacher"):
     if location.is_dir() and (location / "saved_model.pb").is_file():
         if keras.backend.backend() != "tensorflow":
             raise SystemExit("carp-eval: SavedModel encoders load on the TensorFlow backend only.")
-        layer = keras.layers.TFSMLayer(str(location), call_endpoint="serving_default")
+        # carp-export's SavedModels take preprocessed images at serve_normalized; others, at serving_default.
+        exported = (location / "keras_carp_export.json").is_file()
+        layer = keras.layers.TFSMLayer(
+            str(location), call_endpoint="serve_normalized" if exported else "serving_default"
+        )
         inputs = keras.Input((None, None, 3))
         outputs = layer(inputs)
-        outputs = next(iter(outputs.values())) if isinstance(outputs, dict) else outputs
+        if isinstance(outputs, dict):
+            outputs = outputs["features"] if "features" in outputs else next(iter(outputs.values()))
         return keras.Model(inputs, outputs, name="saved_model_encoder")
     if not location.is_file():
         raise SystemExit(f"carp-eval: no model at {location} (expected a .keras file or a SavedModel folder).")
@@ -80,11 +85,15 @@ def load_encoder(path: str, which: str = "teacher"):
     return model
 
 
-def _default_image_size(model_path: str) -> int:
-    config = Path(model_path).parent / "config.json"
-    if model_path != "pixels" and config.is_file():
-        return int(json.loads(config.read_text()).get("global_size", 224))
-    return 224
+def eval_preprocessing(model_path: str, image_size: int | None, crop_fraction: float | None) -> tuple[int, float]:
+    """(image size, crop fraction): given values, else the run's global_size (config.json beside the model) or
+    224; ImageNet's 224/256 centre crop from 128 px up, the whole image below."""
+    if image_size is None:
+        config = Path(model_path).parent / "config.json"
+        image_size = 224
+        if model_path != "pixels" and config.is_file():
+            image_size = int(json.loads(config.read_text()).get("global_size", 224))
+    return image_size, crop_fraction or (224 / 256 if image_size >= 128 else 1.0)
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -101,8 +110,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         weighted_knn,
     )
 
-    image_size = args.image_size or _default_image_size(args.model)
-    crop_fraction = args.crop_fraction or (224 / 256 if image_size >= 128 else 1.0)
+    image_size, crop_fraction = eval_preprocessing(args.model, args.image_size, args.crop_fraction)
     try:
         sources = {split: load_source(args.dataset, split, args.data_dir, image_size=image_size)
                    for split in (args.train_split, args.test_split)}  # fmt: skip

@@ -13,8 +13,7 @@ import dataclasses
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalize(images):

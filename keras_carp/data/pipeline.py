@@ -154,14 +154,19 @@ def multicrop_dataset(
 
 
 def center_crop(image, size: int, crop_fraction: float = 1.0):
-    """Resize the shorter side to ``size / crop_fraction`` (bilinear), then take the central size x size."""
+    """Resize the shorter side to ``size / crop_fraction`` (bilinear), then take the central size x size.
+
+    ``image`` is one image [H, W, C] or a batch [N, H, W, C] of one size, uint8
+    or float in [0, 1]; the result is float32 in [0, 1].
+    """
     image = to_float_image(image)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
     scale = (size / crop_fraction) / tf.reduce_min(shape)
     resized_shape = tf.maximum(tf.cast(tf.math.round(shape * scale), tf.int32), size)
     image = tf.image.resize(image, resized_shape, method="bilinear", antialias=True)
     offset = (resized_shape - size) // 2
-    return tf.clip_by_value(image[offset[0] : offset[0] + size, offset[1] : offset[1] + size], 0.0, 1.0)
+    image = image[..., offset[0] : offset[0] + size, offset[1] : offset[1] + size, :]
+    return tf.clip_by_value(image, 0.0, 1.0)
 
 
 def eval_dataset(
