@@ -119,10 +119,13 @@ def _load_pth(path: Path, trust_checkpoint: bool):
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError / RuntimeError for disallowed objects
+        except Exception as error:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if found is None:
+                raise  # not a pickle problem: reported as an unreadable file
             raise CheckpointError(
-                f"{path} holds objects beyond tensors and argparse.Namespace ({error}). If you trust the file, "
-                "pass trust_checkpoint=True (--trust-checkpoint) to unpickle it fully."
+                f"{path} holds a pickled {found.group(1)} besides tensors and argparse.Namespace. If you trust "
+                "the file, pass trust_checkpoint=True (--trust-checkpoint) to unpickle it fully."
             ) from None
 
 

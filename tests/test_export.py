@@ -1,8 +1,6 @@
 """SavedModel export: the served features equal the Keras model's, in a process that never imports keras_carp."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,35 +9,9 @@ import keras_carp
 import keras_carp.export
 from keras_carp.export import METADATA_FILE, ServingPreprocessing
 from tests.conftest import random_views, tiny_model, to_numpy
+from tests.saved_model_client import serve
 
 pytestmark = pytest.mark.core
-
-# Runs in a fresh interpreter: TensorFlow and NumPy only.
-SERVE = """
-import json, sys
-import numpy as np
-import tensorflow as tf
-saved, inputs, outputs = sys.argv[1:]
-data = np.load(inputs)
-served = tf.saved_model.load(saved)
-results = {}
-for name in ("serving_default", "serve_normalized", "preprocess"):
-    images = data["uint8"] if name != "serve_normalized" else data["normalized"]
-    for key, value in served.signatures[name](images=tf.constant(images)).items():
-        results[f"{name}/{key}"] = value.numpy()
-assert "keras_carp" not in sys.modules, "the SavedModel must not need keras_carp"
-np.savez(outputs, **results)
-"""
-
-
-def _serve(saved_model, tmp_path, uint8_images, normalized_images) -> dict:
-    inputs, outputs = tmp_path / "inputs.npz", tmp_path / "outputs.npz"
-    np.savez(inputs, uint8=uint8_images, normalized=normalized_images)
-    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", SERVE, str(saved_model), str(inputs), str(outputs)],
-                          env=env, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return dict(np.load(outputs))
 
 
 def _trained_model():
@@ -59,7 +31,7 @@ def test_saved_model_serves_the_keras_features_embedding_and_assignments(tmp_pat
     rng = np.random.default_rng(1)
     uint8_images = rng.integers(0, 256, size=(6, 21, 27, 3), dtype=np.uint8)  # not square, not the crop size
     normalized = rng.normal(size=(6, 16, 16, 3)).astype("float32")
-    served = _serve(path, tmp_path, uint8_images, normalized)
+    served = serve(path, tmp_path, uint8_images, normalized)
 
     # The eval pipeline's preprocessing (keras_carp.data), done here in this process.
     preprocessed = np.asarray(normalize(center_crop(uint8_images, 16, 0.8)))
@@ -87,7 +59,7 @@ def test_student_export_with_images_at_their_own_size(tmp_path):
     path = keras_carp.export.export_encoder(model, tmp_path / "student", encoder="student", preprocessing=preprocessing)
     uint8_images = np.random.default_rng(2).integers(0, 256, size=(3, 12, 12, 3), dtype=np.uint8)
     normalized = (uint8_images.astype("float32") / 255.0 - 0.5) / 0.25
-    served = _serve(path, tmp_path, uint8_images, normalized)
+    served = serve(path, tmp_path, uint8_images, normalized)
     assert sorted(k.split("/")[1] for k in served if k.startswith("serving_default/")) == ["features"]
     expected = to_numpy(model.student_encoder(normalized, training=False))
     assert np.max(np.abs(served["serving_default/features"] - expected)) <= 1e-5

@@ -10,6 +10,7 @@ has exactly the released checkpoints' keys: ``conv1``, ``bn1``,
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import torch
 from torch import nn
@@ -81,7 +82,9 @@ class CARPHead(nn.Module):
             width = hidden_dim
         modules.append(nn.Linear(width, bottleneck_dim))
         self.mlp = nn.Sequential(*modules)
-        self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, num_prototypes, bias=False))
+        with warnings.catch_warnings():  # deprecated, but it is what gives the released names weight_g / weight_v
+            warnings.simplefilter("ignore", FutureWarning)
+            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, num_prototypes, bias=False))
         self.last_layer.weight_g.data.fill_(1.0)
         self.last_layer.weight_g.requires_grad = False
 
