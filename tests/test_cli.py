@@ -153,3 +153,29 @@ def test_carp_eval_loads_an_exported_savedmodel_encoder(tmp_path):
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(encoder(images, training=False))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images)), expected, atol=1e-5)
+
+
+def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path, capsys):
+    import keras
+
+    from training import evaluate, export
+
+    run = tmp_path / "run"
+    assert pretrain.main(TINY + ["--output-dir", str(run), "--knn-every", "0"]) == 0
+    export.main([str(run / "model.keras"), str(tmp_path / "encoder"), "--assignments"])
+    assert "teacher encoder, 128-d features, outputs ['features', 'assignments'], centre crop 16 px" in (
+        capsys.readouterr().out
+    )  # image size from the run's config.json
+    served = evaluate.load_encoder(str(tmp_path / "encoder"))  # the serve_normalized endpoint
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    images = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype("float32")
+    expected = keras.ops.convert_to_numpy(model.teacher_encoder(images, training=False))
+    assert np.max(np.abs(keras.ops.convert_to_numpy(served(images)) - expected)) <= 1e-5
+
+    with pytest.raises(SystemExit, match="already exists"):
+        export.main([str(run / "model.keras"), str(tmp_path / "encoder")])
+    with pytest.raises(SystemExit, match="no model at"):
+        export.main([str(tmp_path / "missing.keras"), str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="need a CARP model"):
+        model.teacher_encoder.save(tmp_path / "encoder_only.keras")
+        export.main([str(tmp_path / "encoder_only.keras"), str(tmp_path / "third"), "--embedding"])
