@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_carp
+from keras_carp.data import MultiCropAugmentation
 from tests.conftest import random_views, tiny_model, to_numpy
 
 pytestmark = pytest.mark.core
@@ -25,6 +26,7 @@ def _public_objects():
         keras_carp.LARS(schedule, weight_decay=1e-5, momentum=0.8, eta=0.002),
         schedule,
         keras_carp.TeacherEMA(0.996, 1.0, total_steps=500),
+        MultiCropAugmentation(global_size=32, local_size=16, num_local_crops=2, global_scale=(0.4, 1.0)),
     ]
 
 

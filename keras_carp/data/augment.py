@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import tensorflow as tf
 
 from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
@@ -106,6 +107,7 @@ def _maybe(probability: float, seed, fn, image):
     return tf.cond(_uniform(seed) < probability, lambda: fn(image), lambda: image)
 
 
+@keras.saving.register_keras_serializable(package="keras_carp")
 @dataclasses.dataclass(frozen=True)
 class MultiCropAugmentation:
     """CARP's views of one image: 2 global crops then ``num_local_crops`` local crops.
@@ -143,6 +145,13 @@ class MultiCropAugmentation:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(low, high)}.")
+
+    def get_config(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> MultiCropAugmentation:
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in config.items()})
 
     @property
     def num_crops(self) -> int:
