@@ -125,8 +125,10 @@ class CARP(keras.Model):
             teacher_weight.assign(ops.copy(student_weight))  # own buffer (JAX donates state)
         _freeze_keeping_batch_statistics(self.teacher_encoder)
         _freeze_keeping_batch_statistics(self.teacher_head)
-        # (student, teacher) pairs averaged by the EMA: trainable weights only.
-        self.ema_pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
+        # (student, teacher) pairs averaged by the EMA: trainable weights only. Set past Keras' attribute
+        # tracking: tracked, these variables would count as the model's own a second time (and be saved twice).
+        pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
+        object.__setattr__(self, "ema_pairs", pairs)
 
         self.trackers = [keras.metrics.Mean(name=name) for name in TRACKED]
         self.teacher_ema: TeacherEMA | None = None
