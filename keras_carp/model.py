@@ -205,7 +205,7 @@ class CARP(keras.Model):
     def get_compile_config(self) -> dict | None:
         """``compile``'s arguments for the ``.keras`` file; "auto" stays "auto" so another backend can load it."""
         config = super().get_compile_config()
-        if config is not None:
+        if config:  # {} when the model was never compiled
             config["jit_compile"] = getattr(self, "_requested_jit_compile", config.get("jit_compile", "auto"))
         return config
 

@@ -98,3 +98,12 @@ def test_teacher_and_student_come_back_distinct(tmp_path):
     student, teacher = _weights(loaded.student_head.weights), _weights(loaded.teacher_head.weights)
     assert any(not np.array_equal(s, t) for s, t in zip(student, teacher))
     assert not loaded.teacher_encoder.trainable and loaded.student_encoder.trainable
+
+
+def test_an_uncompiled_model_loads_uncompiled(tmp_path):
+    model = tiny_model()
+    model.save(tmp_path / "fresh.keras")
+    loaded = keras.saving.load_model(tmp_path / "fresh.keras")
+    assert not loaded.compiled
+    images = random_views(batch=2)[0]
+    np.testing.assert_allclose(to_numpy(loaded(images)), to_numpy(model(images)), atol=1e-6)
