@@ -82,6 +82,10 @@ class CARP(keras.Model):
         partition: "random" (redrawn every step) or "fixed" (made once,
             sequential: the Table 7 ablation).
         seed: key of the stateless partition RNG.
+        sync_batch_norm: batch norm over the global batch in every student
+            and teacher BN layer (TensorFlow strategies). None: on when the
+            model is built under a strategy with more than one replica, as
+            in the released code; JAX's DataParallel is global anyway.
 
     Feed ``fit`` batches of ``(crop_0, crop_1, *local_crops)``, optionally as
     ``((crops...), labels)``; labels never reach the loss. ``model(images)``
@@ -95,6 +99,7 @@ class CARP(keras.Model):
         block_size: int = 512,
         partition: str = "random",
         seed: int = 0,
+        sync_batch_norm: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -125,6 +130,16 @@ class CARP(keras.Model):
             teacher_weight.assign(ops.copy(student_weight))  # own buffer (JAX donates state)
         _freeze_keeping_batch_statistics(self.teacher_encoder)
         _freeze_keeping_batch_statistics(self.teacher_head)
+        if sync_batch_norm is None:
+            sync_batch_norm = backends.num_replicas() > 1
+        self.sync_batch_norm = bool(sync_batch_norm)
+        if self.sync_batch_norm:
+            if keras.backend.backend() != "tensorflow":
+                raise ValueError("sync_batch_norm=True is for TensorFlow strategies; JAX DataParallel is global.")
+            for network in (encoder, head, self.teacher_encoder, self.teacher_head):
+                for layer in network._flatten_layers(include_self=False):
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.synchronized = True
         # (student, teacher) pairs averaged by the EMA: trainable weights only. Set past Keras' attribute
         # tracking: tracked, these variables would count as the model's own a second time (and be saved twice).
         pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
@@ -166,7 +181,10 @@ class CARP(keras.Model):
         teacher_probs = [block_softmax(x, self.block_size) for x in ops.split(teacher_logits, 2, axis=0)]
         logs = carp_loss_from_probs(student_probs, teacher_probs, global_sum)
         assignments = ops.one_hot(ops.argmax(teacher_logits, axis=-1), self.num_prototypes, dtype="float32")
-        logs["prototypes_used"] = ops.sum(ops.cast(ops.max(assignments, axis=0) > 0, "float32"))
+        counts = ops.sum(assignments, axis=0)
+        if global_sum is not None:
+            counts = global_sum(counts)
+        logs["prototypes_used"] = ops.sum(ops.cast(counts > 0, "float32"))
         return logs
 
     # -------------------------------------------------------- training glue
@@ -198,7 +216,9 @@ class CARP(keras.Model):
         """``keras.Model.compile``; "auto" compiles the step with XLA on TensorFlow and JAX."""
         requested_jit_compile = jit_compile
         if jit_compile == "auto":
-            jit_compile = keras.backend.backend() in ("tensorflow", "jax")
+            # Under a multi-replica tf.distribute strategy the step runs per replica in tf.function (XLA cannot
+            # reach the other devices' variables); TPUStrategy compiles it with XLA whatever this says.
+            jit_compile = keras.backend.backend() in ("tensorflow", "jax") and backends.num_replicas() == 1
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         self._requested_jit_compile = requested_jit_compile
 
@@ -245,6 +265,7 @@ class CARP(keras.Model):
             "block_size": self.block_size,
             "partition": self.partition,
             "seed": self.seed,
+            "sync_batch_norm": self.sync_batch_norm,
             # The momentum schedule of the run in progress (total_steps resolved), so a loaded model resumes on it.
             "teacher_ema": None if self.teacher_ema is None else self.teacher_ema.resolved_config(),
         }

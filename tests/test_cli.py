@@ -179,3 +179,31 @@ def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path
     with pytest.raises(SystemExit, match="need a CARP model"):
         model.teacher_encoder.save(tmp_path / "encoder_only.keras")
         export.main([str(tmp_path / "encoder_only.keras"), str(tmp_path / "third"), "--embedding"])
+
+
+def test_carp_pretrain_strategies_on_this_host(tmp_path, capsys):
+    out = tmp_path / "mirrored"
+    assert pretrain.main(TINY + ["--output-dir", str(out), "--strategy", "mirrored", "--knn-every", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distribution"] == "MirroredStrategy with 1 replica(s)"
+    assert np.isfinite(summary["final_loss"])
+    assert "MirroredStrategy with 1 replica(s), global batch 64" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="No TPU found"):
+        pretrain.main(TINY + ["--output-dir", str(tmp_path / "tpu"), "--strategy", "tpu"])
+    assert not (tmp_path / "tpu" / "config.json").exists()
+
+
+def test_per_host_input_path_with_a_single_worker(tmp_path):
+    """--strategy multiworker feeds through distribute_datasets_from_function (the TPU input path) end to end."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "multiworker"
+    command = [sys.executable, "-m", "training.pretrain", *TINY, "--knn-every", "0", "--strategy", "multiworker",
+               "--output-dir", str(out)]  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distribution"] == "MultiWorkerMirroredStrategy with 1 replica(s)"
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["knn_top1"] <= 100

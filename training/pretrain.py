@@ -59,6 +59,10 @@ def parse_config(argv: list[str] | None = None) -> dict:
     data.add_argument("--decode", choices=("once", "crop"), default="once", help="JPEG decoding per image or crop")
     data.add_argument("--cache", type=_boolean, default=False, help="cache encoded images in memory")
     data.add_argument("--antialias", type=_boolean, default=True, help="PIL-like filter on downscaled crops")
+    devices = parser.add_argument_group("devices (see keras_carp.distribute)")
+    devices.add_argument("--strategy", choices=("auto", "mirrored", "multiworker", "tpu", "none"), default="auto",
+                         help="auto: a TPU if one answers, else all GPUs (TF) or devices (JAX), else one")  # fmt: skip
+    devices.add_argument("--tpu", default=None, help="TPU name or grpc:// address (Cloud TPU VMs find their own)")
     for key, value in preset.items():
         if key == "description":
             continue
@@ -99,6 +103,7 @@ def run(config: dict) -> dict:
         load_source,
         multicrop_dataset,
     )
+    from keras_carp.distribute import check_global_batch, setup_distribution
     from keras_carp.evaluation import CollapseMonitor, KNNMonitor, knn_accuracy
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
@@ -119,48 +124,65 @@ def run(config: dict) -> dict:
                            download=config["download"], seed=config["seed"])  # fmt: skip
 
     try:
-        train_source = source(config["split"])
-        dataset = multicrop_dataset(
+        distribution = setup_distribution(config["strategy"], config["tpu"])
+        check_global_batch(config["batch_size"], distribution.replicas)
+    except ValueError as error:
+        raise SystemExit(f"carp-pretrain: {error}") from None
+    print(f"carp-pretrain: {distribution.description}, global batch {config['batch_size']}")
+    if distribution.dtype_policy:
+        keras.config.set_dtype_policy(distribution.dtype_policy)
+
+    def pipeline(input_context=None):
+        return multicrop_dataset(
             train_source,
             augmentation,
-            config["batch_size"],
+            config["batch_size"],  # global; with an input context each host makes its replicas' share
             seed=config["seed"],
             cache=config["cache"],
             decode=config["decode"],
             min_image_size=config["min_image_size"],
+            input_context=input_context,
         )
+
+    try:
+        train_source = source(config["split"])
+        dataset = pipeline()
         eval_source = source(config["eval_split"]) if config["eval_split"] and train_source.has_labels else None
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
     logging.getLogger("keras_carp").info("pretraining on %r", train_source)
     steps_per_epoch = train_source.num_examples // config["batch_size"]
     total_steps = steps_per_epoch * config["epochs"]
-    try:  # invalid hyperparameters stop here, before any feature extraction or training
-        head = keras_carp.CARPHead(
-            num_prototypes=config["num_prototypes"],
-            hidden_dim=config["hidden_dim"],
-            bottleneck_dim=config["bottleneck_dim"],
-        )
-        model = keras_carp.CARP(
-            keras_carp.build_encoder(config["backbone"]),
-            head,
-            block_size=config["block_size"],
-            partition=config["partition"],
-            seed=config["seed"],
-        )
-        schedule = keras_carp.WarmupCosineDecay(
-            base_learning_rate=config["base_learning_rate"],
-            global_batch_size=config["batch_size"],
-            total_steps=total_steps,
-            warmup_steps=config["warmup_epochs"] * steps_per_epoch,
-            min_learning_rate=config["min_learning_rate"],
-        )
-        optimizer = keras_carp.LARS(schedule, weight_decay=config["weight_decay"])
-        teacher_ema = keras_carp.TeacherEMA(
-            config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
-        )
-    except ValueError as error:
-        raise SystemExit(f"carp-pretrain: {error}") from None
+    if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
+        dataset = distribution.strategy.distribute_datasets_from_function(pipeline)
+    with distribution.scope():  # the model, its optimizer and their variables live on every replica
+        try:  # invalid hyperparameters stop here, before any feature extraction or training
+            head = keras_carp.CARPHead(
+                num_prototypes=config["num_prototypes"],
+                hidden_dim=config["hidden_dim"],
+                bottleneck_dim=config["bottleneck_dim"],
+            )
+            model = keras_carp.CARP(
+                keras_carp.build_encoder(config["backbone"]),
+                head,
+                block_size=config["block_size"],
+                partition=config["partition"],
+                seed=config["seed"],
+            )
+            schedule = keras_carp.WarmupCosineDecay(
+                base_learning_rate=config["base_learning_rate"],
+                global_batch_size=config["batch_size"],
+                total_steps=total_steps,
+                warmup_steps=config["warmup_epochs"] * steps_per_epoch,
+                min_learning_rate=config["min_learning_rate"],
+            )
+            optimizer = keras_carp.LARS(schedule, weight_decay=config["weight_decay"])
+            teacher_ema = keras_carp.TeacherEMA(
+                config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
+            )
+            model.compile(optimizer=optimizer)
+        except ValueError as error:
+            raise SystemExit(f"carp-pretrain: {error}") from None
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
     size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
@@ -180,11 +202,11 @@ def run(config: dict) -> dict:
     probe = eval_dataset(train_source, size, batch_size=256, crop_fraction=crop_fraction).take(2)
     probe_images = np.concatenate([batch[0] if isinstance(batch, tuple) else batch for batch in probe])
     monitors.append(CollapseMonitor(probe_images))
-    model.compile(optimizer=optimizer)
     started = time.time()
     history = model.fit(
         dataset,
         epochs=config["epochs"],
+        steps_per_epoch=steps_per_epoch if distribution.per_host_input else None,
         callbacks=[
             teacher_ema,
             SkippedImagesLogger(train_source),
@@ -200,6 +222,7 @@ def run(config: dict) -> dict:
         "preset": config["preset"],
         "dataset": train_source.name,
         "backend": keras.backend.backend(),
+        "distribution": distribution.description,
         "train_images": train_source.num_examples,
         "skipped_images": train_source.skipped.count,
         "train_seconds": round(train_seconds, 1),

@@ -21,6 +21,19 @@ def _module():
     return importlib.import_module(f"keras_carp.backends.{_MODULES[name]}")
 
 
+def num_replicas() -> int:
+    """Replicas that each run the train step on a slice of the batch: the TensorFlow strategy's count, else 1.
+
+    JAX's ``keras.distribution.DataParallel`` compiles one program over the
+    global batch (sharded arrays), so batch statistics are global already.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
 def train_step(model, *args):
     """Run the active backend's CARP train step."""
     return _module().train_step(model, *args)

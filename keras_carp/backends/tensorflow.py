@@ -1,4 +1,16 @@
-"""TensorFlow train step: GradientTape, optimizer.apply, teacher EMA by assign (inside tf.function/XLA)."""
+"""TensorFlow train step: GradientTape, optimizer.apply, teacher EMA by assign (inside tf.function/XLA).
+
+Under a ``tf.distribute`` strategy with N replicas (each on B/N images) the
+step computes what one device computes on the global batch B:
+
+- the partition comes from (seed, optimizer step), the same on every replica;
+- the entropy's mean probability and the prototype count are cross-replica
+  sums (``global_sum``); batch norm is synchronised (``CARP(sync_batch_norm=)``);
+- each replica's loss is divided by N, and the optimizer sums the gradients
+  across replicas (Keras' convention), so the update is the global-batch one;
+- the teacher EMA runs once per variable in cross-replica context, from the
+  (mirrored, identical) student weights.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +20,39 @@ from keras import ops
 from keras_carp.backends import stateful_logs
 
 
+def _replica_context():
+    """The replica context when the step runs on more than one replica, else None."""
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def _ema_update(strategy, pairs, momentum):
+    """Cross-replica context: teacher <- m * teacher + (1 - m) * student on every device's copy."""
+
+    def update(teacher, student, m):
+        return teacher.assign(m * teacher + (1.0 - m) * student)
+
+    for student, teacher in pairs:
+        strategy.extended.update(teacher.value, update, args=(student.value, momentum), group=False)
+
+
 def train_step(model, data):
     step = ops.cast(model.optimizer.iterations, "int32")
+    replica = _replica_context()
+    global_sum = None
+    if replica is not None:
+        global_sum = lambda x: replica.all_reduce(tf.distribute.ReduceOp.SUM, x)  # noqa: E731
     with tf.GradientTape() as tape:
-        logs = model.compute_carp_losses(data, step, training=True)
-        scaled_loss = model.optimizer.scale_loss(logs["loss"])
+        logs = model.compute_carp_losses(data, step, training=True, global_sum=global_sum)
+        loss = logs["loss"] if replica is None else logs["loss"] / replica.num_replicas_in_sync
+        scaled_loss = model.optimizer.scale_loss(loss)
     trainable = model.trainable_variables
     gradients = tape.gradient(scaled_loss, trainable)
     model.optimizer.apply(gradients, trainable)
     momentum = model.teacher_momentum(step)
-    for student, teacher in model.ema_pairs:
-        teacher.assign(momentum * teacher + (1.0 - momentum) * student)
+    if replica is None:
+        for student, teacher in model.ema_pairs:
+            teacher.assign(momentum * teacher + (1.0 - momentum) * student)
+    else:
+        replica.merge_call(_ema_update, args=(model.ema_pairs, momentum))
     return stateful_logs(model, logs, step, momentum)

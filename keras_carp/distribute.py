@@ -1,0 +1,148 @@
+"""Multi-device training: tf.distribute strategies on TensorFlow, keras.distribution on JAX.
+
+``resolve_strategy(name)`` returns the TensorFlow strategy for
+``carp-pretrain --strategy`` (``auto``: a TPU when the resolver finds one, else
+all local GPUs, else the default strategy); ``data_parallel()`` sets Keras'
+``DataParallel`` distribution over the local JAX devices. The CARP-specific
+parts (global partition, entropy, synchronised batch norm, teacher update,
+loss scaling) live in the model and ``keras_carp.backends.tensorflow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import keras
+
+STRATEGIES = ("auto", "mirrored", "multiworker", "tpu", "none")
+logger = logging.getLogger(__name__)
+
+
+def _tpu_strategy(tpu: str | None = None):
+    """TPUStrategy after connecting to and initialising the TPU system; raises ValueError when there is none."""
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.NotFoundError, tf.errors.UnavailableError) as error:
+        raise ValueError(f"No TPU found ({type(error).__name__}: {error}).") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def resolve_strategy(name: str = "auto", tpu: str | None = None, devices: list[str] | None = None):
+    """The ``tf.distribute`` strategy called ``name`` (one of ``STRATEGIES``).
+
+    - ``auto``: TPUStrategy if a TPU answers, else MirroredStrategy over the
+      GPUs when there are several, else the default (one device) strategy;
+    - ``mirrored``: MirroredStrategy over ``devices`` (default: every GPU,
+      else every logical CPU);
+    - ``multiworker``: MultiWorkerMirroredStrategy (hosts from ``TF_CONFIG``);
+    - ``tpu``: TPUStrategy, an error when no TPU is reachable;
+    - ``none``: the default strategy.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}.")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(f"tf.distribute strategies need the TensorFlow backend, not {keras.backend.backend()!r}.")
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "tpu":
+        return _tpu_strategy(tpu)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored":
+        devices = devices or [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    try:  # auto
+        return _tpu_strategy(tpu)
+    except ValueError as error:
+        logger.info("strategy auto: %s", error)
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
+    return tf.distribute.get_strategy()
+
+
+def data_parallel(devices: list | None = None):
+    """Set (and return) ``keras.distribution.DataParallel`` over the local JAX devices (all by default)."""
+    if keras.backend.backend() != "jax":
+        raise ValueError("keras.distribution.DataParallel is used on the JAX backend here.")
+    devices = devices or keras.distribution.list_devices()
+    distribution = keras.distribution.DataParallel(devices=devices)
+    keras.distribution.set_distribution(distribution)
+    return distribution
+
+
+def check_global_batch(global_batch_size: int, replicas: int) -> int:
+    """The per-replica batch; the global batch must split evenly across replicas."""
+    if replicas < 1 or global_batch_size % replicas:
+        raise ValueError(
+            f"The global batch ({global_batch_size}) must be divisible by the number of replicas ({replicas})."
+        )
+    return global_batch_size // replicas
+
+
+@dataclasses.dataclass
+class Distribution:
+    """How a run spreads over devices: what ``carp-pretrain --strategy`` resolved to."""
+
+    description: str
+    replicas: int = 1
+    strategy: object | None = None  # the tf.distribute strategy (TensorFlow backend)
+    per_host_input: bool = False  # feed with strategy.distribute_datasets_from_function (TPU, multi-worker)
+    dtype_policy: str | None = None  # mixed_bfloat16 on TPUs
+
+    def scope(self):
+        """Build and compile the model inside this (the strategy's scope on TensorFlow)."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+
+def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distribution:
+    """Resolve ``--strategy`` for the active backend.
+
+    TensorFlow: ``resolve_strategy``; TPUs train in ``mixed_bfloat16`` and,
+    like multi-worker runs, read their input per host. JAX: ``auto``,
+    ``mirrored`` and ``tpu`` mean ``DataParallel`` over the local devices (the
+    TPU cores on a TPU VM); multi-host JAX needs ``jax.distributed.initialize``
+    first. PyTorch: one device (``auto`` / ``none``).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}.")
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        strategy = resolve_strategy(name, tpu)
+        is_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
+        multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        label = "MultiWorkerMirroredStrategy" if multiworker else type(strategy).__name__.lstrip("_")
+        return Distribution(
+            description=f"{label} with {strategy.num_replicas_in_sync} replica(s)",
+            replicas=int(strategy.num_replicas_in_sync),
+            strategy=strategy,
+            per_host_input=is_tpu or multiworker,
+            dtype_policy="mixed_bfloat16" if is_tpu else None,
+        )
+    if backend == "jax":
+        if name == "none":
+            return Distribution("one JAX device")
+        if name == "multiworker":
+            raise ValueError("On JAX, call jax.distributed.initialize() on every host, then use --strategy auto.")
+        devices = keras.distribution.list_devices()
+        if name == "tpu" and not any("tpu" in str(d).lower() for d in devices):
+            raise ValueError(f"No TPU among the JAX devices {devices}.")
+        if len(devices) == 1:
+            return Distribution("one JAX device")
+        data_parallel(devices)
+        policy = "mixed_bfloat16" if name == "tpu" else None
+        return Distribution(f"keras.distribution.DataParallel over {len(devices)} devices", len(devices),
+                            dtype_policy=policy)  # fmt: skip
+    if name not in ("auto", "none"):
+        raise ValueError(f"--strategy {name} needs the TensorFlow or JAX backend; PyTorch runs on one device here.")
+    return Distribution("one PyTorch device")
