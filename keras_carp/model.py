@@ -133,13 +133,8 @@ class CARP(keras.Model):
         if sync_batch_norm is None:
             sync_batch_norm = backends.num_replicas() > 1
         self.sync_batch_norm = bool(sync_batch_norm)
-        if self.sync_batch_norm:
-            if keras.backend.backend() != "tensorflow":
-                raise ValueError("sync_batch_norm=True is for TensorFlow strategies; JAX DataParallel is global.")
-            for network in (encoder, head, self.teacher_encoder, self.teacher_head):
-                for layer in network._flatten_layers(include_self=False):
-                    if isinstance(layer, keras.layers.BatchNormalization):
-                        layer.synchronized = True
+        # Only TensorFlow strategies need it (JAX DataParallel and one device are global already).
+        self._set_batch_norm_synchronized(self.sync_batch_norm and keras.backend.backend() == "tensorflow")
         # (student, teacher) pairs averaged by the EMA: trainable weights only. Set past Keras' attribute
         # tracking: tracked, these variables would count as the model's own a second time (and be saved twice).
         pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
@@ -148,6 +143,23 @@ class CARP(keras.Model):
         self.trackers = [keras.metrics.Mean(name=name) for name in TRACKED]
         self.teacher_ema: TeacherEMA | None = None
         self.built = True
+
+    def _batch_norm_layers(self) -> list:
+        networks = (self.student_encoder, self.student_head, self.teacher_encoder, self.teacher_head)
+        return [
+            layer
+            for network in networks
+            for layer in network._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+
+    def _set_batch_norm_synchronized(self, synchronized: bool) -> list:
+        """Set every BN layer's ``synchronized``; returns the previous values."""
+        layers = self._batch_norm_layers()
+        previous = [layer.synchronized for layer in layers]
+        for layer in layers:
+            layer.synchronized = synchronized
+        return previous
 
     # ----------------------------------------------------------------- method
     def partition_permutation(self, step):
@@ -213,7 +225,7 @@ class CARP(keras.Model):
         return backends.train_step(self, *args)
 
     def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
-        """``keras.Model.compile``; "auto" compiles the step with XLA on TensorFlow and JAX."""
+        """``keras.Model.compile``; "auto": XLA on JAX, and on TensorFlow unless a strategy has several replicas."""
         requested_jit_compile = jit_compile
         if jit_compile == "auto":
             # Under a multi-replica tf.distribute strategy the step runs per replica in tf.function (XLA cannot
@@ -258,10 +270,19 @@ class CARP(keras.Model):
         return self.teacher_encoder(images, training=training)
 
     def get_config(self) -> dict:
+        # Layer configs are saved without `synchronized` (Keras refuses it off TensorFlow): the model's own
+        # sync_batch_norm flag restores it, so a file written under a strategy loads on every backend.
+        previous = self._set_batch_norm_synchronized(False)
+        try:
+            encoder = keras.saving.serialize_keras_object(self.student_encoder)
+            head = keras.saving.serialize_keras_object(self.student_head)
+        finally:
+            for layer, value in zip(self._batch_norm_layers(), previous):
+                layer.synchronized = value
         return {
             "name": self.name,
-            "encoder": keras.saving.serialize_keras_object(self.student_encoder),
-            "head": keras.saving.serialize_keras_object(self.student_head),
+            "encoder": encoder,
+            "head": head,
             "block_size": self.block_size,
             "partition": self.partition,
             "seed": self.seed,

@@ -29,6 +29,7 @@ def parse_args():
     parser.add_argument("--output", required=True)
     parser.add_argument("--sync-batch-norm", choices=("auto", "off"), default="auto",
                         help="off: per-replica batch norm on TensorFlow (to show that it matters)")  # fmt: skip
+    parser.add_argument("--save", default=None, help="save the distributed model to this .keras file")
     return parser.parse_args()
 
 
@@ -105,6 +106,9 @@ def main() -> None:
         distributed_losses = train(model)
         keras.distribution.set_distribution(None)
         sync = True  # one program over the sharded global batch
+
+    if args.save:
+        model.save(args.save)
 
     def relative(a, b) -> float:
         """max |a - b| over the tensor's scale max |b|, floored at 1e-3: tensors that stay near 0 (biases before

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import keras
 import pytest
 
 from tests.conftest import require_optional
@@ -31,7 +33,8 @@ def _check(tmp_path, backend: str, devices: int, *extra: str) -> dict:
 
 @pytest.mark.parametrize("backend, devices", [("tensorflow", 2), ("tensorflow", 4), ("jax", 2), ("jax", 4)])
 def test_replicas_match_one_device_with_the_same_global_batch(tmp_path, backend, devices):
-    result = _check(tmp_path, backend, devices)
+    saved = tmp_path / "distributed.keras"
+    result = _check(tmp_path, backend, devices, "--save", str(saved))
     assert result["replicas"] == devices and result["sync_batch_norm"]
     assert result["kernels_moved"] > 1e-3  # the steps changed the weights, so agreement means equal updates
     for key in ("loss", "consistency", "prototypes_used"):
@@ -43,6 +46,14 @@ def test_replicas_match_one_device_with_the_same_global_batch(tmp_path, backend,
     assert result["max_rel_optimizer"] <= RTOL, result
     if backend == "tensorflow":
         assert result["partitions_identical_across_replicas"] and result["partition_equals_single_device"]
+        # Saved under the strategy, the file loads anywhere: the model keeps sync_batch_norm, the BN layer
+        # configs do not carry `synchronized` (Keras refuses it off TensorFlow).
+        with zipfile.ZipFile(saved) as archive:
+            config = json.loads(archive.read("config.json"))
+        assert config["config"]["sync_batch_norm"] is True
+        assert '"synchronized": true' not in json.dumps(config)
+        loaded = keras.saving.load_model(saved)
+        assert loaded.sync_batch_norm and int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 3
 
 
 def test_without_synchronised_batch_norm_the_replicas_drift(tmp_path):
