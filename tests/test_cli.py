@@ -207,3 +207,44 @@ def test_per_host_input_path_with_a_single_worker(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distribution"] == "MultiWorkerMirroredStrategy with 1 replica(s)"
     assert np.isfinite(summary["final_loss"]) and 0 <= summary["knn_top1"] <= 100
+
+
+@pytest.mark.parametrize("preset", pretrain.available_presets())
+def test_every_preset_builds_its_head_schedule_and_views(preset):
+    import keras_carp
+    from keras_carp.data import MultiCropAugmentation
+
+    c = pretrain.parse_config(["--preset", preset])
+    assert c["description"] and c["preset"] == preset and c["backbone"] in keras_carp.backbones.RESNET_CONFIGS
+    keras_carp.CARPHead(
+        num_prototypes=c["num_prototypes"], hidden_dim=c["hidden_dim"], bottleneck_dim=c["bottleneck_dim"]
+    )
+    keras_carp.losses.check_partition(c["num_prototypes"], c["block_size"])
+    keras_carp.WarmupCosineDecay(c["base_learning_rate"], c["batch_size"], total_steps=1000,
+                                 warmup_steps=c["warmup_epochs"], min_learning_rate=c["min_learning_rate"])  # fmt: skip
+    MultiCropAugmentation(global_size=c["global_size"], local_size=c["local_size"],
+                          num_local_crops=c["num_local_crops"], global_scale=tuple(c["global_scale"]),
+                          local_scale=tuple(c["local_scale"]), blur_sigma=tuple(c["blur_sigma"]))  # fmt: skip
+
+
+def test_paper_presets_follow_the_spec():
+    for name, local_crops in (("imagenet-resnet50-200ep", 0), ("imagenet-resnet50-multicrop", 6)):
+        c = pretrain.parse_config(["--preset", name])
+        assert (c["dataset"], c["backbone"], c["eval_split"]) == ("imagenet2012", "resnet50", "validation")
+        assert (c["num_prototypes"], c["block_size"], c["batch_size"]) == (65536, 512, 1024)
+        assert (c["hidden_dim"], c["bottleneck_dim"], c["epochs"]) == (2048, 256, 200)
+        assert (c["global_size"], c["local_size"], c["num_local_crops"]) == (224, 96, local_crops)
+        assert c["global_scale"] == [0.2, 1.0] and c["local_scale"] == [0.05, 0.2]
+        assert (c["base_learning_rate"], c["min_learning_rate"], c["weight_decay"]) == (0.45, 0.0048, 1e-6)
+        assert (c["base_teacher_momentum"], c["final_teacher_momentum"], c["warmup_epochs"]) == (0.99, 1.0, 0)
+    # Every field stays a flag; the ablations are flags too.
+    c = pretrain.parse_config(["--preset", "imagenet-resnet50-200ep", "--partition", "fixed",
+                               "--block-size", "65536", "--eval-split", "train[:1%]"])  # fmt: skip
+    assert (c["partition"], c["block_size"], c["eval_split"]) == ("fixed", 65536, "train[:1%]")
+
+
+def test_imagenet_preset_without_the_archives_stops_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="ILSVRC2012_img_train.tar"):
+        pretrain.main(["--preset", "imagenet-resnet50-200ep", "--data-dir", str(tmp_path / "tfds"),
+                       "--output-dir", str(tmp_path / "run"), "--strategy", "none"])  # fmt: skip
+    assert not (tmp_path / "run" / "config.json").exists()

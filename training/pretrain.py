@@ -63,10 +63,13 @@ def parse_config(argv: list[str] | None = None) -> dict:
     devices.add_argument("--strategy", choices=("auto", "mirrored", "multiworker", "tpu", "none"), default="auto",
                          help="auto: a TPU if one answers, else all GPUs (TF) or devices (JAX), else one")  # fmt: skip
     devices.add_argument("--tpu", default=None, help="TPU name or grpc:// address (Cloud TPU VMs find their own)")
+    defined = {action.dest for action in parser._actions}
     for key, value in preset.items():
         if key == "description":
             continue
-        if isinstance(value, bool):
+        if key in defined:  # a preset may set the default of a data flag (e.g. eval_split: validation)
+            parser.set_defaults(**{key: value})
+        elif isinstance(value, bool):
             parser.add_argument(_flag(key), type=_boolean, default=value)
         elif isinstance(value, list):
             parser.add_argument(_flag(key), type=type(value[0]), nargs=len(value), default=value)
