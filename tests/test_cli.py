@@ -248,3 +248,22 @@ def test_imagenet_preset_without_the_archives_stops_before_training(tmp_path):
         pretrain.main(["--preset", "imagenet-resnet50-200ep", "--data-dir", str(tmp_path / "tfds"),
                        "--output-dir", str(tmp_path / "run"), "--strategy", "none"])  # fmt: skip
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_carp_visualize_draws_prototype_groups_and_curves(tmp_path, capsys):
+    from PIL import Image
+
+    from training import visualize
+
+    run = tmp_path / "run"
+    assert pretrain.main(TINY + ["--output-dir", str(run), "--knn-every", "1"]) == 0
+    assert visualize.main([str(run), "--prototypes", "4", "--images-per-prototype", "5", "--max-images", "300"]) == 0
+    for name in ("prototypes.png", "training_curves.png"):
+        with Image.open(run / "pictures" / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 200 and picture.size[1] > 100
+    groups = json.loads((run / "pictures" / "prototypes.json").read_text())
+    assert groups["images"] == 300 and 1 <= len(groups["groups"]) <= 4
+    assert all(len(g["indices"]) <= 5 and g["count"] >= len(g["indices"]) for g in groups["groups"])
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no config.json"):
+        visualize.main([str(tmp_path)])

@@ -13,6 +13,7 @@ from keras_carp.evaluation import (
     few_shot,
     kmeans_scores,
     linear_probe,
+    prototype_groups,
     retrieval_map,
     weighted_knn,
 )
@@ -131,3 +132,18 @@ def test_linear_probe_on_images_trains_a_dense_layer_on_the_frozen_encoder():
     assert result["top1"] >= 90.0
     for w, b in zip(encoder.weights, before):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), b)  # the encoder stayed frozen
+
+
+def test_prototype_groups_rank_by_use_and_score():
+    rng = np.random.default_rng(0)
+    assignments = rng.choice([3, 7, 11, 20], p=[0.1, 0.4, 0.3, 0.2], size=500)
+    scores = rng.normal(size=500)
+    groups = prototype_groups(assignments, scores, top=3, per_group=4)
+    counts = {p: int(np.sum(assignments == p)) for p in (3, 7, 11, 20)}
+    expected_order = sorted(counts, key=lambda p: (-counts[p], p))[:3]
+    assert [g["prototype"] for g in groups] == expected_order
+    for group in groups:
+        assert group["count"] == counts[group["prototype"]]
+        members = np.flatnonzero(assignments == group["prototype"])
+        best = members[np.argsort(-scores[members])][:4]
+        assert group["indices"] == best.tolist()

@@ -6,6 +6,7 @@ from keras_carp.evaluation.features import extract_features, extract_labelled_fe
 from keras_carp.evaluation.fewshot import few_shot
 from keras_carp.evaluation.knn import knn_accuracy, l2_normalize, weighted_knn
 from keras_carp.evaluation.linear import linear_probe, linear_probe_on_images
+from keras_carp.evaluation.prototypes import prototype_assignments, prototype_groups
 from keras_carp.evaluation.retrieval import retrieval_map
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "l2_normalize",
     "linear_probe",
     "linear_probe_on_images",
+    "prototype_assignments",
+    "prototype_groups",
     "retrieval_map",
     "weighted_knn",
 ]
