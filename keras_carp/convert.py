@@ -147,9 +147,7 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
 
     try:
         contents = _load_pth(path, trust_checkpoint)
-    except CheckpointError:
-        raise
-    except ImportError:
+    except (CheckpointError, ImportError):
         raise
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
