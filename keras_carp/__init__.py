@@ -1,8 +1,9 @@
 """keras-carp: CARP self-supervised learning (Consistent Assignment of views over Random Partitions) for Keras 3."""
 
-from keras_carp import backbones, callbacks, losses, optimizers, schedules
+from keras_carp import backbones, callbacks, checkpoints, losses, optimizers, schedules
 from keras_carp.backbones import build_encoder
-from keras_carp.callbacks import TeacherEMA
+from keras_carp.callbacks import StepTensorBoard, TeacherEMA
+from keras_carp.checkpoints import RunCheckpoint, latest_checkpoint
 from keras_carp.heads import CARPHead
 from keras_carp.losses import CARPLoss, carp_loss, partition_probs
 from keras_carp.model import CARP
@@ -16,12 +17,16 @@ __all__ = [
     "CARPHead",
     "CARPLoss",
     "LARS",
+    "RunCheckpoint",
+    "StepTensorBoard",
     "TeacherEMA",
     "WarmupCosineDecay",
     "backbones",
     "build_encoder",
     "callbacks",
+    "checkpoints",
     "carp_loss",
+    "latest_checkpoint",
     "losses",
     "optimizers",
     "partition_probs",

@@ -1,4 +1,4 @@
-"""Callbacks: the teacher's exponential moving average."""
+"""Callbacks: the teacher's exponential moving average, and TensorBoard curves indexed by optimizer step."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ class TeacherEMA(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config: dict) -> TeacherEMA:
         return cls(**config)
+
+
+class StepTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' ``TensorBoard`` whose step summaries are indexed by the optimizer step, not by batches of this fit.
+
+    Keras counts step summaries from 0 at every ``fit`` call, so a resumed
+    run's curves would restart at the left edge; here they continue from the
+    step the model was restored at. Epoch summaries are unchanged (Keras
+    already indexes them by epoch, and ``initial_epoch`` carries on).
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        # Keras increments this counter before each step's summaries; start it at the restored step.
+        self._global_train_batch = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

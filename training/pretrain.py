@@ -4,6 +4,12 @@ With no arguments it runs the ``digits`` preset: a small ResNet on
 scikit-learn's bundled digits, a few minutes on 2 CPU cores. Every preset field
 can be overridden on the command line (``--epochs 5``, ``--block-size 64``...);
 the resolved configuration is saved in the run directory.
+
+The run directory (``--output-dir``, default ``runs/<preset>``) holds
+``config.json``, ``checkpoints/``, TensorBoard logs in ``logs/``,
+``training_log.csv``, the final ``model.keras``, the exported SavedModel
+encoder in ``encoder/`` and ``summary.json``. Rerunning the same command after
+a crash or ``kill -9`` resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -49,7 +55,13 @@ def parse_config(argv: list[str] | None = None) -> dict:
     preset = load_preset(known.preset)
 
     parser = argparse.ArgumentParser(prog="carp-pretrain", description=__doc__.splitlines()[0], parents=[pre])
-    parser.add_argument("--output-dir", default=None, help="run directory (default: runs/<preset>-<time>)")
+    parser.add_argument("--output-dir", default=None, help="run directory (default: runs/<preset>); reruns resume")
+    run_flags = parser.add_argument_group("run directory")
+    run_flags.add_argument("--checkpoint-every-steps", type=int, default=0,
+                           help="also checkpoint every N optimizer steps (always at each epoch's end)")  # fmt: skip
+    run_flags.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    run_flags.add_argument("--log-every-steps", type=int, default=50, help="TensorBoard step summaries (0: epochs)")
+    run_flags.add_argument("--export", type=_boolean, default=True, help="export the teacher encoder as a SavedModel")
     data = parser.add_argument_group("data (see keras_carp.data.load_source)")
     data.add_argument("--data-dir", default=None, help="TFDS data_dir, image folder, or Fashion-MNIST IDX folder")
     data.add_argument("--split", default="train", help="split to pretrain on (TFDS split string or subfolder)")
@@ -80,9 +92,38 @@ def parse_config(argv: list[str] | None = None) -> dict:
     return args
 
 
+# Flags that may change between an interrupted run and its resumption (where and how, not what is trained).
+RUN_CONTROL = ("output_dir", "data_dir", "download", "strategy", "tpu", "checkpoint_every_steps", "keep_checkpoints",
+               "log_every_steps", "export", "cache", "decode")  # fmt: skip
+
+
+def check_same_run(saved: dict, config: dict, out) -> None:
+    """Refuse to resume a run directory with a different training configuration."""
+    changed = sorted(k for k in set(saved) | set(config) if k not in RUN_CONTROL and saved.get(k) != config.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        raise SystemExit(
+            f"carp-pretrain: {out} holds checkpoints of a run with a different configuration ({details}). "
+            "Rerun with the same settings to resume it, or choose a new --output-dir."
+        )
+
+
+def truncate_csv_log(path: Path, epochs_done: int) -> None:
+    """Keep the CSV log's header and its first ``epochs_done`` epochs (rows past the checkpoint are redone)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines[1:] if line.split(",", 1)[0].strip().isdigit()][:epochs_done]
+    from keras_carp.checkpoints import atomic_write_text
+
+    atomic_write_text(str(path), "".join(lines[:1] + kept))
+
+
 def prepare_output_dir(path: str | None, preset: str) -> Path:
     """Create the run directory and prove it is writable before any training."""
-    out = Path(path) if path else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(path) if path else Path("runs") / preset
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"carp-pretrain: the output directory {out} exists and is not a directory.")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -94,22 +135,40 @@ def prepare_output_dir(path: str | None, preset: str) -> Path:
 
 
 def run(config: dict) -> dict:
-    """Pretrain, evaluate, save; returns the summary written to summary.json."""
+    """Pretrain (resuming from the run directory's newest checkpoint), evaluate, save, export; returns the summary."""
     import keras
     import numpy as np
 
     import keras_carp
+    from keras_carp.checkpoints import (
+        NonFiniteLossError,
+        RunCheckpoint,
+        atomic_write_text,
+        check_free_space,
+        checkpoint_bytes,
+        latest_checkpoint,
+    )
     from keras_carp.data import (
         MultiCropAugmentation,
         SkippedImagesLogger,
         eval_dataset,
         load_source,
         multicrop_dataset,
+        steps_per_epoch,
     )
     from keras_carp.distribute import check_global_batch, setup_distribution
     from keras_carp.evaluation import CollapseMonitor, KNNMonitor, knn_accuracy
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
+    checkpoint_dir = out / "checkpoints"
+    resume = latest_checkpoint(str(checkpoint_dir))
+    if resume is not None and (out / "config.json").is_file():
+        check_same_run(json.loads((out / "config.json").read_text()), config, out)
+    for key in ("checkpoint_every_steps", "log_every_steps"):
+        if config[key] < 0:
+            raise SystemExit(f"carp-pretrain: --{key.replace('_', '-')} must be >= 0, got {config[key]}.")
+    if config["keep_checkpoints"] < 1:
+        raise SystemExit(f"carp-pretrain: --keep-checkpoints must be >= 1, got {config['keep_checkpoints']}.")
     keras.utils.set_random_seed(config["seed"])
     augmentation = MultiCropAugmentation(
         global_size=config["global_size"],
@@ -135,7 +194,7 @@ def run(config: dict) -> dict:
     if distribution.dtype_policy:
         keras.config.set_dtype_policy(distribution.dtype_policy)
 
-    def pipeline(input_context=None):
+    def pipeline(start_step: int, input_context=None):
         return multicrop_dataset(
             train_source,
             augmentation,
@@ -145,19 +204,28 @@ def run(config: dict) -> dict:
             decode=config["decode"],
             min_image_size=config["min_image_size"],
             input_context=input_context,
+            epochs=config["epochs"],
+            start_step=start_step,
         )
+
+    def distributed(start_step: int):
+        if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
+            return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
+        return pipeline(start_step)
 
     try:
         train_source = source(config["split"])
-        dataset = pipeline()
+        dataset = pipeline(0)  # checks the data against the recipe before anything is built
         eval_source = source(config["eval_split"]) if config["eval_split"] and train_source.has_labels else None
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
+    del dataset
     logging.getLogger("keras_carp").info("pretraining on %r", train_source)
-    steps_per_epoch = train_source.num_examples // config["batch_size"]
-    total_steps = steps_per_epoch * config["epochs"]
-    if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
-        dataset = distribution.strategy.distribute_datasets_from_function(pipeline)
+    epoch_steps = steps_per_epoch(train_source.num_examples, config["batch_size"])
+    total_steps = epoch_steps * config["epochs"]
+    if resume is not None and resume.steps_per_epoch != epoch_steps:
+        raise SystemExit(f"carp-pretrain: {resume.path} was written with {resume.steps_per_epoch} steps per epoch, "
+                         f"this dataset gives {epoch_steps}; the data changed. Choose a new --output-dir.")  # fmt: skip
     with distribution.scope():  # the model, its optimizer and their variables live on every replica
         try:  # invalid hyperparameters stop here, before any feature extraction or training
             head = keras_carp.CARPHead(
@@ -176,7 +244,7 @@ def run(config: dict) -> dict:
                 base_learning_rate=config["base_learning_rate"],
                 global_batch_size=config["batch_size"],
                 total_steps=total_steps,
-                warmup_steps=config["warmup_epochs"] * steps_per_epoch,
+                warmup_steps=config["warmup_epochs"] * epoch_steps,
                 min_learning_rate=config["min_learning_rate"],
             )
             optimizer = keras_carp.LARS(schedule, weight_decay=config["weight_decay"])
@@ -186,41 +254,88 @@ def run(config: dict) -> dict:
             model.compile(optimizer=optimizer)
         except ValueError as error:
             raise SystemExit(f"carp-pretrain: {error}") from None
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    # Checkpoints, the final model and the SavedModel (about one encoder) must fit before the first step.
+    try:
+        encoder_bytes = checkpoint_bytes(model.teacher_encoder) // 2
+        required = (config["keep_checkpoints"] + 2) * checkpoint_bytes(model) + encoder_bytes
+        check_free_space(str(out), required)
+    except OSError as error:
+        raise SystemExit(f"carp-pretrain: {error}") from None
+    atomic_write_text(str(out / "config.json"), json.dumps(config, indent=2))
 
     size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
     bank = eval_dataset(train_source, size, crop_fraction=crop_fraction) if eval_source else None
     queries = eval_dataset(eval_source, size, crop_fraction=crop_fraction) if eval_source else None
-
     num_classes = len(train_source.class_names) if eval_source else None
     knn_settings = dict(k=config["knn_k"], temperature=config["knn_temperature"], num_classes=num_classes)
 
     def knn(encoder) -> dict | None:
         return knn_accuracy(encoder, bank, queries, **knn_settings) if eval_source is not None else None
 
-    random_init = knn(model.teacher_encoder)
+    random_init_path = out / "knn_random_init.json"  # measured once, before the first step, kept for resumptions
+    if random_init_path.is_file():
+        random_init = json.loads(random_init_path.read_text())
+    else:
+        random_init = knn(model.teacher_encoder)
+        atomic_write_text(str(random_init_path), json.dumps(random_init))
+
+    start_step = 0
+    if resume is not None:
+        with distribution.scope():
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(resume.path)
+        start_step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        if start_step != resume.step:
+            raise SystemExit(f"carp-pretrain: {resume.path} holds step {start_step}, its record says {resume.step}.")
+        print(f"carp-pretrain: resuming from {resume.path} (step {start_step} of {total_steps}, "
+              f"epoch {resume.epoch + 1}, step {resume.step_in_epoch} of {epoch_steps} in it)")  # fmt: skip
+        truncate_csv_log(out / "training_log.csv", resume.epoch)
+
     monitors = []
     if eval_source is not None and config.get("knn_every", 0) > 0:
         monitors.append(KNNMonitor(bank, queries, config["knn_every"], **knn_settings))
     probe = eval_dataset(train_source, size, batch_size=256, crop_fraction=crop_fraction).take(2)
     probe_images = np.concatenate([batch[0] if isinstance(batch, tuple) else batch for batch in probe])
     monitors.append(CollapseMonitor(probe_images))
-    started = time.time()
-    history = model.fit(
-        dataset,
-        epochs=config["epochs"],
-        steps_per_epoch=steps_per_epoch if distribution.per_host_input else None,
-        callbacks=[
-            teacher_ema,
-            SkippedImagesLogger(train_source),
-            *monitors,
-            keras.callbacks.CSVLogger(str(out / "training_log.csv")),
-        ],
-    )
+    checkpointer = RunCheckpoint(str(checkpoint_dir), epoch_steps, config["checkpoint_every_steps"],
+                                 config["keep_checkpoints"], resume=resume)  # fmt: skip
+    callbacks = [
+        teacher_ema,
+        SkippedImagesLogger(train_source),
+        *monitors,  # before the loggers, which record what monitors add to the epoch logs
+        keras.callbacks.CSVLogger(str(out / "training_log.csv"), append=True),
+        keras_carp.StepTensorBoard(str(out / "logs"), update_freq=config["log_every_steps"] or "epoch"),
+        checkpointer,  # last: an epoch is saved once it is logged; a NaN stops before it is saved
+    ]
+    # An interrupted epoch is finished on its own, then the remaining epochs run as usual.
+    first_epoch, done_in_epoch = divmod(start_step, epoch_steps)
+    legs = []
+    if done_in_epoch:
+        legs.append((first_epoch, first_epoch + 1, epoch_steps - done_in_epoch))
+        first_epoch += 1
+    if first_epoch < config["epochs"]:
+        legs.append((first_epoch, config["epochs"], epoch_steps))
+    started, losses = time.time(), []
+    try:
+        for initial_epoch, end_epoch, steps in legs:
+            leg_start = initial_epoch * epoch_steps + (epoch_steps - steps)
+            history = model.fit(distributed(leg_start), initial_epoch=initial_epoch, epochs=end_epoch,
+                                steps_per_epoch=steps, callbacks=callbacks)  # fmt: skip
+            losses += history.history["loss"]
+    except NonFiniteLossError as error:
+        raise SystemExit(f"\ncarp-pretrain: {error} Lower --base-learning-rate or check the data, then rerun the "
+                         "same command to continue from that checkpoint.") from None  # fmt: skip
+    except OSError as error:  # e.g. the disk filled up while writing a checkpoint
+        raise SystemExit(f"carp-pretrain: {error}") from None
     train_seconds = time.time() - started
-    last_epoch = config["epochs"]
-    learned = monitors[0].history[last_epoch] if isinstance(monitors[0], KNNMonitor) else knn(model.teacher_encoder)
-    model.save(out / "model.keras")
+    knn_monitor = monitors[0] if isinstance(monitors[0], KNNMonitor) else None
+    learned = knn_monitor.history.get(config["epochs"]) if knn_monitor else None
+    learned = learned or knn(model.teacher_encoder)
+    from keras_carp.checkpoints import atomic_save_model
+
+    atomic_save_model(model, str(out / "model.keras"))
+    if config["export"]:
+        model.export_encoder(str(out / "encoder"), overwrite=True)
     summary = {
         "preset": config["preset"],
         "dataset": train_source.name,
@@ -228,9 +343,12 @@ def run(config: dict) -> dict:
         "distribution": distribution.description,
         "train_images": train_source.num_examples,
         "skipped_images": train_source.skipped.count,
+        "steps": total_steps,
+        "resumed_from_step": start_step if resume is not None else None,
         "train_seconds": round(train_seconds, 1),
-        "final_loss": float(history.history["loss"][-1]),
+        "final_loss": float(losses[-1]) if losses else None,
         "output_dir": str(out),
+        "encoder": str(out / "encoder") if config["export"] else None,
     }
     if learned is not None:
         summary.update(
@@ -241,7 +359,7 @@ def run(config: dict) -> dict:
             knn_k=config["knn_k"],
             eval_split=config["eval_split"],
         )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 

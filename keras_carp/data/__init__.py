@@ -12,6 +12,7 @@ from keras_carp.data.pipeline import (
     decode_image,
     eval_dataset,
     multicrop_dataset,
+    steps_per_epoch,
 )
 from keras_carp.data.sources import (
     ArraySource,
@@ -41,6 +42,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_source",
     "multicrop_dataset",
+    "steps_per_epoch",
     "normalize",
     "scan_image_folder",
 ]

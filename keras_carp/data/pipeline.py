@@ -3,10 +3,17 @@
 records -> [shard per host] -> [cache] -> shuffle -> zip per-image seeds ->
 parallel map (read, decode, augment) -> skip undecodable -> batch -> prefetch.
 
-Each image's crops come from a stateless seed drawn by
-``tf.data.Dataset.random(seed)``, so a run with the same seed sees the same
-views; ``deterministic=False`` lets the parallel map return images out of
-order for more throughput (the views of each image are unchanged).
+Each image's crops come from a stateless seed, so a run with the same seed
+sees the same views; ``deterministic=False`` lets the parallel map return
+images out of order for more throughput (the views of each image are
+unchanged).
+
+With ``epochs=`` the dataset holds the whole run, epoch after epoch, and
+epoch e's order and crops are functions of (seed, e) alone. That is what makes
+a resumed run (``start_step=``) see exactly the batches the interrupted run
+would have seen, in a new process: the epochs before are skipped without
+reading them, and the images of the current epoch before ``start_step``
+without decoding them.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ def multicrop_dataset(
     decode: str = DEFAULT_DECODE,
     min_image_size: int | None = None,
     shuffle_buffer: int | None = None,
+    epochs: int | None = None,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """Batches of ``(crops, labels)`` (or ``(crops,)`` when unlabelled) for ``CARP.fit``.
 
@@ -92,6 +101,10 @@ def multicrop_dataset(
         decode: JPEG decoding, ``"once"`` per image or ``"crop"`` (``decode_and_crop_jpeg`` per crop).
         min_image_size: smaller images are an error before training (default: the global crop size; 0 allows).
         shuffle_buffer: default: the whole set of small records, or 10 000 when records hold encoded images.
+        epochs: hold the run's ``epochs`` back to back, each ``steps_per_epoch(...)`` batches, with
+            epoch e's order and views depending on (seed, e) only; feed ``fit(steps_per_epoch=...)``.
+            None: one epoch, reshuffled (with fresh views) each time Keras iterates it.
+        start_step: with ``epochs``, begin at this global step (resuming a run).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -100,10 +113,12 @@ def multicrop_dataset(
     source = _as_source(images, labels)
     check_image_size(source, augmentation.global_size if min_image_size is None else min_image_size)
     local_batch = batch_size
+    num_pipelines = 1
     if input_context is not None:
         local_batch = input_context.get_per_replica_batch_size(batch_size)
+        num_pipelines = input_context.num_input_pipelines
         seed = int(np.random.SeedSequence([seed, input_context.input_pipeline_id]).generate_state(1)[0])
-    shard_size = source.num_examples // (input_context.num_input_pipelines if input_context else 1)
+    shard_size = source.num_examples // num_pipelines
     if drop_remainder and shard_size < local_batch:
         raise ValueError(f"{source.name} has {source.num_examples} images, fewer than one batch of {batch_size}.")
 
@@ -112,13 +127,19 @@ def multicrop_dataset(
     if cache is not False:
         dataset = dataset.map(source.load, num_parallel_calls=tf.data.AUTOTUNE).cache("" if cache is True else cache)
         loaded = True
-    if shuffle:
-        if shuffle_buffer is None:
-            holds_images = (loaded and source.encoded) or source.records_hold_images
-            shuffle_buffer = 10_000 if holds_images else shard_size
-        dataset = dataset.shuffle(max(1, min(shuffle_buffer, shard_size)), seed=seed, reshuffle_each_iteration=True)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip(dataset, seeds)
+    if shuffle_buffer is None:
+        holds_images = (loaded and source.encoded) or source.records_hold_images
+        shuffle_buffer = 10_000 if holds_images else shard_size
+    shuffle_buffer = max(1, min(shuffle_buffer, shard_size))
+    if epochs is None:
+        if shuffle:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds)
+    else:
+        dataset = _epochs_with_seeds(dataset, seed, shuffle, shuffle_buffer, epochs, start_step,
+                                     steps_per_epoch(source.num_examples, batch_size, num_pipelines),
+                                     local_batch, drop_remainder)  # fmt: skip
     counter = source.skipped
 
     def make_views(record, view_seed):
@@ -151,6 +172,43 @@ def multicrop_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_input_pipelines: int = 1) -> int:
+    """Full global batches per epoch; the same on every host when each reads its own shard."""
+    return (num_examples // num_input_pipelines) // (batch_size // num_input_pipelines)
+
+
+def _epochs_with_seeds(records, seed, shuffle, buffer, epochs, start_step, steps, local_batch, drop_remainder):
+    """(record, view seed) for epochs ``start_step // steps`` .. ``epochs - 1``, each a function of (seed, epoch).
+
+    The records dataset is re-read once per epoch; its own order must not change between reads (TFDS sources
+    fix their file order by the seed), so an epoch's order comes only from the shuffle seeded here.
+    """
+    if not drop_remainder:
+        raise ValueError("multicrop_dataset(epochs=...) needs drop_remainder=True: every epoch is whole batches.")
+    if start_step < 0 or start_step >= epochs * steps:
+        raise ValueError(f"start_step must be in [0, {epochs * steps}) for {epochs} epochs of {steps} steps.")
+    first_epoch, skipped_steps = divmod(start_step, steps)
+    run_key = tf.constant([seed % 2**63, 0x5EED], tf.int64)
+
+    def one_epoch(epoch):
+        epoch_key = tf.random.experimental.stateless_fold_in(run_key, epoch)
+        epoch_records = records
+        if shuffle:
+            # The order depends on (seed, epoch) only, not on tf.random.set_seed: this function's graph-level
+            # seed is fixed (with graph seed 0, TF cannot take a tensor op seed).
+            tf.compat.v1.get_default_graph().seed = 0x5EED
+            order_seed = tf.random.stateless_uniform([], epoch_key, minval=None, maxval=None, dtype=tf.int64)
+            epoch_records = records.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
+        epoch_records = epoch_records.take(steps * local_batch).enumerate()
+        already_seen = tf.constant(skipped_steps * local_batch, tf.int64)
+        epoch_records = epoch_records.skip(tf.where(epoch == first_epoch, already_seen, 0))
+        return epoch_records.map(
+            lambda position, record: (record, tf.random.experimental.stateless_fold_in(epoch_key, position))
+        )
+
+    return tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
 
 
 def center_crop(image, size: int, crop_fraction: float = 1.0):

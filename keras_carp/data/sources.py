@@ -450,7 +450,11 @@ class TFDSSource(ImageSource):
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
         import tensorflow_datasets as tfds
 
-        read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed, try_autocache=False)
+        # The file order is shuffled by the seed but not re-drawn on each read: multicrop_dataset(epochs=) reads
+        # the records once per epoch and shuffles them with a seed of (seed, epoch), so that a resumed run reads
+        # every epoch in the order the uninterrupted run would have.
+        read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=seed, try_autocache=False,
+                                      shuffle_reshuffle_each_iteration=False)  # fmt: skip
         dataset = self.builder.as_dataset(
             split=self.split,
             decoders={self.image_key: tfds.decode.SkipDecoding()},
