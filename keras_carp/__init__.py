@@ -2,7 +2,7 @@
 
 from keras_carp import backbones, callbacks, checkpoints, losses, optimizers, schedules
 from keras_carp.backbones import build_encoder
-from keras_carp.callbacks import StepTensorBoard, TeacherEMA
+from keras_carp.callbacks import RunCSVLogger, StepTensorBoard, TeacherEMA
 from keras_carp.checkpoints import RunCheckpoint, latest_checkpoint
 from keras_carp.heads import CARPHead
 from keras_carp.losses import CARPLoss, carp_loss, partition_probs
@@ -17,6 +17,7 @@ __all__ = [
     "CARPHead",
     "CARPLoss",
     "LARS",
+    "RunCSVLogger",
     "RunCheckpoint",
     "StepTensorBoard",
     "TeacherEMA",

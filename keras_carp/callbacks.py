@@ -88,3 +88,18 @@ class StepTensorBoard(keras.callbacks.TensorBoard):
         super().on_train_begin(logs)
         # Keras increments this counter before each step's summaries; start it at the restored step.
         self._global_train_batch = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+
+class RunCSVLogger(keras.callbacks.CSVLogger):
+    """Keras' ``CSVLogger`` that also works on ``gs://`` paths.
+
+    Keras opens remote paths with ``tf.io.gfile.GFile``, which has no
+    ``closed`` attribute, and then fails at the end of ``fit``; this closes
+    the file without asking.
+    """
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None:
+            self.csv_file.close()
+            self.csv_file = None
+        self.writer = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,30 +109,69 @@ def check_same_run(saved: dict, config: dict, out) -> None:
         )
 
 
-def truncate_csv_log(path: Path, epochs_done: int) -> None:
+def _gfile():
+    import tensorflow as tf  # run directories may be local or in a bucket (gs://): tf.io.gfile serves both
+
+    return tf.io.gfile
+
+
+def _join(directory: str, *names: str) -> str:
+    return "/".join([directory.rstrip("/"), *names]) if "://" in directory else os.path.join(directory, *names)
+
+
+def _read_text(path: str) -> str:
+    with _gfile().GFile(path) as handle:
+        return handle.read()
+
+
+def truncate_csv_log(path: str, epochs_done: int) -> None:
     """Keep the CSV log's header and its first ``epochs_done`` epochs (rows past the checkpoint are redone)."""
-    if not path.is_file():
+    if not _gfile().exists(path):
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = _read_text(path).splitlines(keepends=True)
     kept = [line for line in lines[1:] if line.split(",", 1)[0].strip().isdigit()][:epochs_done]
     from keras_carp.checkpoints import atomic_write_text
 
-    atomic_write_text(str(path), "".join(lines[:1] + kept))
+    atomic_write_text(path, "".join(lines[:1] + kept))
 
 
-def prepare_output_dir(path: str | None, preset: str) -> Path:
-    """Create the run directory and prove it is writable before any training."""
-    out = Path(path) if path else Path("runs") / preset
-    if out.exists() and not out.is_dir():
+def prepare_output_dir(path: str | None, preset: str) -> str:
+    """Create the run directory (local or gs://) and prove it is writable before any training."""
+    out = str(path) if path else os.path.join("runs", preset)
+    gfile = _gfile()
+    if gfile.exists(out) and not gfile.isdir(out):
         raise SystemExit(f"carp-pretrain: the output directory {out} exists and is not a directory.")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
+        gfile.makedirs(out)
+        probe = _join(out, ".write-test")
+        with gfile.GFile(probe, "w") as handle:
+            handle.write("ok")
+        gfile.remove(probe)
+    except Exception as error:  # OSError locally; tf.errors.OpError (not an OSError) from object stores
         raise SystemExit(f"carp-pretrain: cannot write to the output directory {out}: {error}") from None
     return out
+
+
+def export_run_encoder(model, out: str) -> str:
+    """The teacher encoder as a SavedModel in ``out/encoder`` (written locally, then copied to a bucket)."""
+    target = _join(out, "encoder")
+    if "://" not in out:
+        model.export_encoder(target, overwrite=True)
+        return target
+    import tempfile
+
+    gfile = _gfile()
+    with tempfile.TemporaryDirectory() as staging:
+        model.export_encoder(os.path.join(staging, "encoder"), overwrite=True)
+        if gfile.exists(target):
+            gfile.rmtree(target)
+        for folder, _, files in os.walk(os.path.join(staging, "encoder")):
+            relative = os.path.relpath(folder, os.path.join(staging, "encoder"))
+            destination = target if relative == "." else _join(target, *relative.split(os.sep))
+            gfile.makedirs(destination)
+            for name in files:
+                gfile.copy(os.path.join(folder, name), _join(destination, name), overwrite=True)
+    return target
 
 
 def run(config: dict) -> dict:
@@ -160,10 +200,10 @@ def run(config: dict) -> dict:
     from keras_carp.evaluation import CollapseMonitor, KNNMonitor, knn_accuracy
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
-    checkpoint_dir = out / "checkpoints"
-    resume = latest_checkpoint(str(checkpoint_dir))
-    if resume is not None and (out / "config.json").is_file():
-        check_same_run(json.loads((out / "config.json").read_text()), config, out)
+    checkpoint_dir = _join(out, "checkpoints")
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None and _gfile().exists(_join(out, "config.json")):
+        check_same_run(json.loads(_read_text(_join(out, "config.json"))), config, out)
     for key in ("checkpoint_every_steps", "log_every_steps"):
         if config[key] < 0:
             raise SystemExit(f"carp-pretrain: --{key.replace('_', '-')} must be >= 0, got {config[key]}.")
@@ -258,10 +298,10 @@ def run(config: dict) -> dict:
     try:
         encoder_bytes = checkpoint_bytes(model.teacher_encoder) // 2
         required = (config["keep_checkpoints"] + 2) * checkpoint_bytes(model) + encoder_bytes
-        check_free_space(str(out), required)
+        check_free_space(out, required)
     except OSError as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
-    atomic_write_text(str(out / "config.json"), json.dumps(config, indent=2))
+    atomic_write_text(_join(out, "config.json"), json.dumps(config, indent=2))
 
     size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
     bank = eval_dataset(train_source, size, crop_fraction=crop_fraction) if eval_source else None
@@ -272,12 +312,12 @@ def run(config: dict) -> dict:
     def knn(encoder) -> dict | None:
         return knn_accuracy(encoder, bank, queries, **knn_settings) if eval_source is not None else None
 
-    random_init_path = out / "knn_random_init.json"  # measured once, before the first step, kept for resumptions
-    if random_init_path.is_file():
-        random_init = json.loads(random_init_path.read_text())
+    random_init_path = _join(out, "knn_random_init.json")  # measured once, before the first step
+    if _gfile().exists(random_init_path):
+        random_init = json.loads(_read_text(random_init_path))
     else:
         random_init = knn(model.teacher_encoder)
-        atomic_write_text(str(random_init_path), json.dumps(random_init))
+        atomic_write_text(random_init_path, json.dumps(random_init))
 
     start_step = 0
     if resume is not None:
@@ -289,7 +329,7 @@ def run(config: dict) -> dict:
             raise SystemExit(f"carp-pretrain: {resume.path} holds step {start_step}, its record says {resume.step}.")
         print(f"carp-pretrain: resuming from {resume.path} (step {start_step} of {total_steps}, "
               f"epoch {resume.epoch + 1}, step {resume.step_in_epoch} of {epoch_steps} in it)")  # fmt: skip
-        truncate_csv_log(out / "training_log.csv", resume.epoch)
+        truncate_csv_log(_join(out, "training_log.csv"), resume.epoch)
 
     monitors = []
     if eval_source is not None and config.get("knn_every", 0) > 0:
@@ -297,14 +337,14 @@ def run(config: dict) -> dict:
     probe = eval_dataset(train_source, size, batch_size=256, crop_fraction=crop_fraction).take(2)
     probe_images = np.concatenate([batch[0] if isinstance(batch, tuple) else batch for batch in probe])
     monitors.append(CollapseMonitor(probe_images))
-    checkpointer = RunCheckpoint(str(checkpoint_dir), epoch_steps, config["checkpoint_every_steps"],
+    checkpointer = RunCheckpoint(checkpoint_dir, epoch_steps, config["checkpoint_every_steps"],
                                  config["keep_checkpoints"], resume=resume)  # fmt: skip
     callbacks = [
         teacher_ema,
         SkippedImagesLogger(train_source),
         *monitors,  # before the loggers, which record what monitors add to the epoch logs
-        keras.callbacks.CSVLogger(str(out / "training_log.csv"), append=True),
-        keras_carp.StepTensorBoard(str(out / "logs"), update_freq=config["log_every_steps"] or "epoch"),
+        keras_carp.RunCSVLogger(_join(out, "training_log.csv"), append=True),
+        keras_carp.StepTensorBoard(_join(out, "logs"), update_freq=config["log_every_steps"] or "epoch"),
         checkpointer,  # last: an epoch is saved once it is logged; a NaN stops before it is saved
     ]
     # An interrupted epoch is finished on its own, then the remaining epochs run as usual.
@@ -333,9 +373,8 @@ def run(config: dict) -> dict:
     learned = learned or knn(model.teacher_encoder)
     from keras_carp.checkpoints import atomic_save_model
 
-    atomic_save_model(model, str(out / "model.keras"))
-    if config["export"]:
-        model.export_encoder(str(out / "encoder"), overwrite=True)
+    atomic_save_model(model, _join(out, "model.keras"))
+    encoder_path = export_run_encoder(model, out) if config["export"] else None
     summary = {
         "preset": config["preset"],
         "dataset": train_source.name,
@@ -347,8 +386,8 @@ def run(config: dict) -> dict:
         "resumed_from_step": start_step if resume is not None else None,
         "train_seconds": round(train_seconds, 1),
         "final_loss": float(losses[-1]) if losses else None,
-        "output_dir": str(out),
-        "encoder": str(out / "encoder") if config["export"] else None,
+        "output_dir": out,
+        "encoder": encoder_path,
     }
     if learned is not None:
         summary.update(
@@ -359,7 +398,7 @@ def run(config: dict) -> dict:
             knn_k=config["knn_k"],
             eval_split=config["eval_split"],
         )
-    atomic_write_text(str(out / "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(_join(out, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
