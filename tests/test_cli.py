@@ -28,6 +28,8 @@ TINY = [
     "16",
     "--warmup-epochs",
     "0",
+    "--export",  # the SavedModel export of a run is tested in test_runs.py and by the notebooks
+    "false",
 ]
 
 

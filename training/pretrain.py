@@ -248,18 +248,22 @@ def run(config: dict) -> dict:
             start_step=start_step,
         )
 
+    built = {}
+
     def distributed(start_step: int):
         if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
             return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
-        return pipeline(start_step)
+        return built.pop(start_step, None) or pipeline(start_step)
 
     try:
         train_source = source(config["split"])
-        dataset = pipeline(0)  # checks the data against the recipe before anything is built
+        # Checks the data against the recipe before anything is built (and is the first leg's dataset).
+        run_steps = steps_per_epoch(train_source.num_examples, config["batch_size"]) * config["epochs"]
+        first_start = resume.step if resume is not None and resume.step < run_steps else 0
+        built[first_start] = pipeline(first_start)
         eval_source = source(config["eval_split"]) if config["eval_split"] and train_source.has_labels else None
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
-    del dataset
     logging.getLogger("keras_carp").info("pretraining on %r", train_source)
     epoch_steps = steps_per_epoch(train_source.num_examples, config["batch_size"])
     total_steps = epoch_steps * config["epochs"]

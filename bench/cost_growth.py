@@ -1,0 +1,120 @@
+"""How the CARP step's cost grows with K, N_B, the number of local crops and the batch, and the loss's share of it.
+
+For each configuration: the median time of the whole compiled train step
+(as bench/train_step.py measures it, on device-resident synthetic batches) and
+of the partition + loss alone: the step's permutation, the gather of the
+logits into blocks, the float32 block softmax and the consistency + entropy
+loss, forward and backward (w.r.t. the student logits), compiled the same way.
+The share is their ratio. Runs on the active Keras backend (JAX or TensorFlow).
+
+    KERAS_BACKEND=jax python bench/cost_growth.py --suite cpu
+    KERAS_BACKEND=jax python bench/cost_growth.py --suite gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from train_step import run_keras  # noqa: E402
+
+BASES = {
+    "cpu": dict(backbone="resnet18", global_size=64, local_size=32, local_crops=4, k=4096, block_size=512, batch=32,
+                hidden=2048, bottleneck=256, precision="float32", steps=20, warmup=3),
+    "gpu": dict(backbone="resnet50", global_size=224, local_size=96, local_crops=6, k=65536, block_size=512, batch=128,
+                hidden=2048, bottleneck=256, precision="bfloat16", steps=50, warmup=10),
+    "smoke": dict(backbone="resnet_tiny", global_size=16, local_size=8, local_crops=2, k=64, block_size=16, batch=4,
+                  hidden=32, bottleneck=16, precision="float32", steps=3, warmup=1),
+}  # fmt: skip
+SWEEPS = {
+    "cpu": dict(k=[4096, 16384, 65536, 262144], block_size=[128, 512, 2048, 4096], local_crops=[0, 2, 6, 10],
+                batch=[16, 32, 64]),
+    "gpu": dict(k=[4096, 16384, 65536, 262144], block_size=[128, 512, 2048, 8192], local_crops=[0, 2, 6, 10],
+                batch=[64, 128, 256]),
+    "smoke": dict(k=[64, 128]),
+}  # fmt: skip
+
+
+def loss_only_seconds(config: dict) -> float:
+    """Median time of permutation + block gather + block softmax + loss, forward and backward, compiled."""
+    from keras_carp.losses import block_softmax, carp_loss_from_probs
+    from keras_carp.partition import random_permutation
+
+    crops, batch, k, block = 2 + config["local_crops"], config["batch"], config["k"], config["block_size"]
+    dtype = "bfloat16" if config["precision"] != "float32" else "float32"
+    rng = np.random.default_rng(0)
+    student = keras.ops.convert_to_tensor(rng.normal(size=(crops, batch, k)).astype("float32"), dtype=dtype)
+    teacher = keras.ops.convert_to_tensor(rng.normal(size=(2, batch, k)).astype("float32"), dtype=dtype)
+
+    def loss(student_logits, teacher_logits, step):
+        permutation = random_permutation(k, 0, step)
+        probs = [block_softmax(keras.ops.take(student_logits[i], permutation, axis=1), block) for i in range(crops)]
+        targets = [keras.ops.stop_gradient(block_softmax(keras.ops.take(teacher_logits[j], permutation, axis=1), block))
+                   for j in range(2)]  # fmt: skip
+        return carp_loss_from_probs(probs, targets)["loss"]
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(jax.value_and_grad(loss))
+
+        def run(step):
+            return jax.block_until_ready(compiled(student, teacher, step))
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def compiled(step):
+            with tf.GradientTape() as tape:
+                tape.watch(student)
+                value = loss(student, teacher, step)
+            return value, tape.gradient(value, student)
+
+        def run(step):
+            value, gradient = compiled(step)
+            return float(value), gradient.numpy()
+    else:
+        raise SystemExit("bench/cost_growth.py runs on the jax or tensorflow backend.")
+    run(np.int32(0))
+    times = []
+    for step in range(1, config["steps"] + 1):
+        started = time.perf_counter()
+        run(np.int32(step))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(BASES), default="cpu")
+    parser.add_argument("--only", default=None, help="sweep just this variable (k, block_size, local_crops, batch)")
+    args = parser.parse_args()
+    base = BASES[args.suite]
+    print(f"backend {keras.backend.backend()}, base configuration: {base}")
+    print(f"{'variable':<12} {'value':>7} {'step ms':>9} {'images/s':>9} {'partition+loss ms':>18} {'share %':>8}")
+    for variable, values in SWEEPS[args.suite].items():
+        if args.only and variable != args.only:
+            continue
+        for value in values:
+            config = dict(base, **{variable: value})
+            if config["k"] % config["block_size"]:
+                continue
+            step = run_keras(argparse.Namespace(**config))
+            loss_ms = 1e3 * loss_only_seconds(config)
+            print(f"{variable:<12} {value:>7} {step['median_ms']:>9.1f} {step['images_per_s']:>9.1f} {loss_ms:>18.2f} "
+                  f"{100 * loss_ms / step['median_ms']:>8.1f}", flush=True)  # fmt: skip
+            keras.backend.clear_session()
+
+
+if __name__ == "__main__":
+    main()

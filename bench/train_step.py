@@ -1,0 +1,264 @@
+"""Time the whole CARP training step of keras-carp, side by side with the PyTorch reference (bench/torch_reference.py).
+
+The step is what ``fit`` runs: student on all crops, teacher on the 2 global
+crops, partition, loss, LARS update and teacher EMA, compiled (XLA on
+TensorFlow and JAX). Batches are synthetic and already on the device, so the
+input pipeline is out of the picture (bench/input_pipeline.py measures it).
+Each run reports the median and 10th/90th percentiles of the step time over
+``--steps`` steps after compilation and warm-up, images/s, compile time, peak
+memory (device, or host RSS on a CPU) and MFU: the step's FLOPs (counted by
+PyTorch's FlopCounterMode on the reference step, the same network) over the
+step time and the device's peak for the precision in use.
+
+One command runs every backend and the reference in fresh processes and prints
+the table with the ratio keras-carp / reference:
+
+    python bench/train_step.py --suite cpu      # ResNet-18 at 2x64 + 4x32, K = 4096 (no GPU needed)
+    python bench/train_step.py --suite gpu      # ResNet-50, 2x224 (+ 6x96), K = 65536, batch 64/128/256
+    python bench/train_step.py --suite smoke    # seconds: the test suite runs this
+    python bench/train_step.py --worker keras --backbone resnet18 ...   # one configuration, one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SUITES = {
+    # name: (shared settings, grid of (global_size, local_size, local_crops) x batches x precisions)
+    "smoke": (dict(backbone="resnet_tiny", k=64, block_size=16, hidden=32, bottleneck=16, steps=3, warmup=1),
+              [(16, 8, 2)], [4], ["float32"]),
+    "cpu": (dict(backbone="resnet18", k=4096, block_size=512, hidden=2048, bottleneck=256, steps=50, warmup=5),
+            [(64, 32, 0), (64, 32, 4)], [32], ["float32"]),
+    "gpu": (dict(backbone="resnet50", k=65536, block_size=512, hidden=2048, bottleneck=256, steps=50, warmup=10),
+            [(224, 96, 0), (224, 96, 6)], [64, 128, 256], ["float32", "bfloat16", "float16"]),
+}  # fmt: skip
+KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+# ----------------------------------------------------------------------------- one configuration, in this process
+
+
+def keras_step_runner(model, data):
+    """The compiled train function ``fit`` uses, called on one device-resident batch; returns step() -> logs."""
+    import keras
+
+    model.make_train_function()
+    backend = keras.backend.backend()
+    if backend == "jax":
+        state = [model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                      optimizer_variables=True, metrics_variables=True)]  # fmt: skip
+
+        def step():  # as JAX fit does: the state is threaded through, donated, never synced back per step
+            logs, state[0] = model.train_function(state[0], iter([data]))
+            return logs
+
+        return step
+    if backend == "tensorflow":
+        return lambda: model.train_function(iter([data]))
+    return lambda: model.train_function([data])
+
+
+def run_keras(args) -> dict:
+    import keras
+
+    import keras_carp
+
+    keras.config.set_dtype_policy(KERAS_POLICIES[args.precision])
+    keras.utils.set_random_seed(0)
+    model = keras_carp.CARP(
+        keras_carp.build_encoder(args.backbone),
+        keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck),
+        block_size=args.block_size,
+    )
+    optimizer = keras_carp.LARS(0.45 * args.batch / 256)
+    if args.precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer)
+    model.attach_teacher_ema(keras_carp.TeacherEMA(0.99, 1.0, total_steps=10**6))
+    rng = __import__("numpy").random.default_rng(0)
+    sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
+    crops = tuple(keras.ops.convert_to_tensor(rng.normal(size=(args.batch, s, s, 3)).astype("float32")) for s in sizes)
+
+    started = time.perf_counter()
+    model.train_on_batch(crops)  # builds the optimizer and traces + compiles the step
+    first = time.perf_counter() - started
+    step = keras_step_runner(model, (crops,))
+    wait = lambda logs: float(keras.ops.convert_to_numpy(logs["loss"]))  # noqa: E731
+    for _ in range(args.warmup):
+        wait(step())
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        loss = wait(step())
+        times.append(time.perf_counter() - started)
+    if loss != loss:
+        raise RuntimeError("the keras-carp step produced a NaN loss")
+    median = statistics.median(times)
+    memory, kind = keras_peak_memory()
+    return {
+        "implementation": f"keras-carp ({keras.backend.backend()})", "backend": keras.backend.backend(),
+        "median_ms": 1e3 * median, "p10_ms": 1e3 * quantile(times, 0.1), "p90_ms": 1e3 * quantile(times, 0.9),
+        "images_per_s": args.batch / median, "compile_s": max(first - median, 0.0),
+        "peak_memory_gib": memory, "memory_kind": kind, "versions": versions(),
+    }  # fmt: skip
+
+
+def keras_peak_memory() -> tuple[float, str]:
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            stats = jax.devices()[0].memory_stats()
+            if stats and "peak_bytes_in_use" in stats:
+                return stats["peak_bytes_in_use"] / 2**30, "device"
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.config.list_physical_devices("GPU"):
+                return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**30, "device"
+        elif backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.max_memory_allocated() / 2**30, "device"
+    except (RuntimeError, ValueError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS"
+
+
+def versions() -> dict:
+    import keras
+
+    out = {"keras": keras.__version__}
+    backend = keras.backend.backend()
+    module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[backend]
+    out[module] = __import__(module).__version__
+    return out
+
+
+def quantile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# ----------------------------------------------------------------------------- the suite, in fresh processes
+
+
+def configurations(suite: str):
+    shared, views, batches, precisions = SUITES[suite]
+    for (global_size, local_size, local_crops), batch, precision in itertools.product(views, batches, precisions):
+        yield dict(shared, global_size=global_size, local_size=local_size, local_crops=local_crops, batch=batch,
+                   precision=precision)  # fmt: skip
+
+
+def flags(config: dict) -> list[str]:
+    return [f"--{key.replace('_', '-')}={value}" for key, value in config.items()]
+
+
+def run_process(command: list[str], env: dict, timeout: float) -> dict | None:
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def run_suite(args) -> list[dict]:
+    backends = [b for b in args.backends.split(",") if b]
+    results = []
+    for config in configurations(args.suite):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(HERE.parent))
+        reference = {}
+        for compiled in args.reference_modes:
+            if config["precision"] == "float16" and not args.gpu_precisions:
+                continue
+            command = [sys.executable, str(HERE / "torch_reference.py"), *flags(config), "--json"]
+            result = run_process(command + (["--compile"] if compiled else []), env, args.timeout)
+            result = {**config, **result, "implementation": "torch reference" + (" + compile" if compiled else "")}
+            results.append(result)
+            print_row(result, None)
+            if "error" not in result:
+                reference = result if not reference or result["median_ms"] < reference["median_ms"] else reference
+        for backend in backends:
+            worker = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config)]
+            result = run_process(worker, dict(env, KERAS_BACKEND=backend), args.timeout)
+            result = {**config, "implementation": f"keras-carp ({backend})", **result}
+            if "error" not in result and reference:
+                result["step_tflop"] = reference["step_tflop"]
+                result["peak_tflops"], result["peak_source"] = reference["peak_tflops"], reference["peak_source"]
+                flop_per_s = result["step_tflop"] * 1e12 / (result["median_ms"] / 1e3)
+                result["mfu"] = flop_per_s / (result["peak_tflops"] * 1e12)
+                result["vs_reference"] = result["images_per_s"] / reference["images_per_s"]
+            results.append(result)
+            print_row(result, reference)
+    return results
+
+
+HEADER = (f"{'implementation':<28} {'views':<11} {'batch':>5} {'precision':<9} {'median ms':>9} {'p10-p90 ms':>15} "
+          f"{'images/s':>9} {'compile s':>9} {'memory GiB':>14} {'MFU %':>6} {'x ref':>6}")  # fmt: skip
+
+
+def print_row(result: dict, reference: dict | None) -> None:
+    views = f"2x{result['global_size']}" + (f"+{result['local_crops']}x{result['local_size']}"
+                                            if result["local_crops"] else "")  # fmt: skip
+    if "error" in result:
+        print(f"{result['implementation']:<28} {views:<11} {result['batch']:>5} {result['precision']:<9} "
+              f"error: {result['error']}", flush=True)  # fmt: skip
+        return
+    spread = f"{result['p10_ms']:.1f}-{result['p90_ms']:.1f}"
+    memory = f"{result['peak_memory_gib']:.2f} {'dev' if result['memory_kind'] == 'device' else 'RSS'}"
+    mfu = f"{100 * result['mfu']:.1f}" if "mfu" in result else "-"
+    ratio = f"{result['vs_reference']:.2f}" if "vs_reference" in result else "-"
+    print(f"{result['implementation']:<28} {views:<11} {result['batch']:>5} {result['precision']:<9} "
+          f"{result['median_ms']:>9.1f} {spread:>15} {result['images_per_s']:>9.1f} {result['compile_s']:>9.1f} "
+          f"{memory:>14} {mfu:>6} {ratio:>6}", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    p.add_argument("--backends", default="jax,tensorflow,torch", help="Keras backends, comma-separated")
+    p.add_argument("--no-compile-reference", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and implementation")
+    p.add_argument("--out", default=None, help="also write every result as JSON lines here")
+    p.add_argument("--worker", choices=("keras",), default=None, help="time one configuration in this process")
+    for key in ("backbone", "precision"):
+        p.add_argument(f"--{key}")
+    for key in ("global-size", "local-size", "local-crops", "k", "block-size", "hidden", "bottleneck", "batch",
+                "steps", "warmup"):  # fmt: skip
+        p.add_argument(f"--{key}", type=int)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_keras(args)))
+        return
+    args.reference_modes = [False] if args.no_compile_reference or args.suite == "smoke" else [False, True]
+    args.gpu_precisions = args.suite == "gpu"
+    print(f"suite {args.suite}: {SUITES[args.suite][0]}")
+    print(HEADER, flush=True)
+    results = run_suite(args)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    failed = [r for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Smoke runs of the benchmarks at tiny sizes: they start from a fresh process, time real steps and print the table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_against_the_torch_reference(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "results.jsonl"
+    backend = keras.backend.backend()
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--suite", "smoke",
+                           "--backends", backend, "--out", str(out)],
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    reference, ours = results
+    assert reference["implementation"] == "torch reference" and ours["implementation"] == f"keras-carp ({backend})"
+    for result in results:
+        assert result["steps"] == 3 and 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"]
+        assert result["images_per_s"] == pytest.approx(result["batch"] / (result["median_ms"] / 1e3))
+        assert 0 < result["mfu"] < 1 and result["step_tflop"] > 0
+    assert ours["vs_reference"] == pytest.approx(ours["images_per_s"] / reference["images_per_s"])
+    assert "keras-carp" in done.stdout and "x ref" in done.stdout  # the side-by-side table
