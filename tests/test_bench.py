@@ -31,3 +31,18 @@ def test_train_step_benchmark_against_the_torch_reference(tmp_path):
         assert 0 < result["mfu"] < 1 and result["step_tflop"] > 0
     assert ours["vs_reference"] == pytest.approx(ours["images_per_s"] / reference["images_per_s"])
     assert "keras-carp" in done.stdout and "x ref" in done.stdout  # the side-by-side table
+
+
+@pytest.mark.slow
+def test_cost_growth_benchmark_prints_the_loss_share():
+    if keras.backend.backend() not in ("jax", "tensorflow"):
+        pytest.skip("bench/cost_growth.py runs on the jax or tensorflow backend")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "cost_growth.py"), "--suite", "smoke"],
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("k ")]
+    assert [row[1] for row in rows] == ["64", "128"]
+    for row in rows:
+        step_ms, loss_ms, share = float(row[2]), float(row[4]), float(row[5])
+        assert 0 < loss_ms and 0 < share == pytest.approx(100 * loss_ms / step_ms, abs=0.1)
