@@ -183,6 +183,7 @@ def run(config: dict) -> dict:
     from keras_carp.checkpoints import (
         NonFiniteLossError,
         RunCheckpoint,
+        atomic_save_model,
         atomic_write_text,
         check_free_space,
         checkpoint_bytes,
@@ -375,8 +376,6 @@ def run(config: dict) -> dict:
     knn_monitor = monitors[0] if isinstance(monitors[0], KNNMonitor) else None
     learned = knn_monitor.history.get(config["epochs"]) if knn_monitor else None
     learned = learned or knn(model.teacher_encoder)
-    from keras_carp.checkpoints import atomic_save_model
-
     atomic_save_model(model, _join(out, "model.keras"))
     encoder_path = export_run_encoder(model, out) if config["export"] else None
     summary = {
