@@ -2,9 +2,9 @@
 
 For each configuration: the median time of the whole compiled train step
 (as bench/train_step.py measures it, on device-resident synthetic batches) and
-of the partition + loss alone: the step's permutation, the gather of the
-logits into blocks, the float32 block softmax and the consistency + entropy
-loss, forward and backward (w.r.t. the student logits), compiled the same way.
+of the partition + loss alone: the step's permutation, the float32 block
+softmax and the consistency + entropy loss, forward
+and backward (w.r.t. the student logits), compiled the same way.
 The share is their ratio. Runs on the active Keras backend (JAX or TensorFlow).
 
     KERAS_BACKEND=jax python bench/cost_growth.py --suite cpu
@@ -45,28 +45,29 @@ SWEEPS = {
 
 
 def loss_only_seconds(config: dict) -> float:
-    """Median time of permutation + block gather + block softmax + loss, forward and backward, compiled."""
+    """Median time of the step's partition + loss: the permutation, the float32 block softmax and the
+    consistency + entropy loss, forward and backward w.r.t. the student logits, compiled. The head permutes
+    its K prototype rows, not the logits, so no [N, K] gather is timed here (it was before: see README)."""
     from keras_carp.losses import block_softmax, carp_loss_from_probs
     from keras_carp.partition import random_permutation
 
     crops, batch, k, block = 2 + config["local_crops"], config["batch"], config["k"], config["block_size"]
     dtype = "bfloat16" if config["precision"] != "float32" else "float32"
     rng = np.random.default_rng(0)
-    student = keras.ops.convert_to_tensor(rng.normal(size=(crops, batch, k)).astype("float32"), dtype=dtype)
-    teacher = keras.ops.convert_to_tensor(rng.normal(size=(2, batch, k)).astype("float32"), dtype=dtype)
+    student = keras.ops.convert_to_tensor(rng.normal(size=(crops * batch, k)).astype("float32"), dtype=dtype)
+    teacher = keras.ops.convert_to_tensor(rng.normal(size=(2 * batch, k)).astype("float32"), dtype=dtype)
 
-    def loss(student_logits, teacher_logits, step):
-        permutation = random_permutation(k, 0, step)
-        probs = [block_softmax(keras.ops.take(student_logits[i], permutation, axis=1), block) for i in range(crops)]
-        targets = [keras.ops.stop_gradient(block_softmax(keras.ops.take(teacher_logits[j], permutation, axis=1), block))
-                   for j in range(2)]  # fmt: skip
-        return carp_loss_from_probs(probs, targets)["loss"]
+    def loss(student_logits, teacher_logits, step):  # what CARP.compute_carp_losses does after the head
+        permutation = random_permutation(k, 0, step)  # an output, so that it is computed
+        probs = [block_softmax(x, block) for x in keras.ops.split(student_logits, crops, axis=0)]
+        targets = [block_softmax(x, block) for x in keras.ops.split(teacher_logits, 2, axis=0)]
+        return carp_loss_from_probs(probs, targets)["loss"], permutation
 
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        compiled = jax.jit(jax.value_and_grad(loss))
+        compiled = jax.jit(jax.value_and_grad(loss, has_aux=True))
 
         def run(step):
             return jax.block_until_ready(compiled(student, teacher, step))
@@ -77,12 +78,11 @@ def loss_only_seconds(config: dict) -> float:
         def compiled(step):
             with tf.GradientTape() as tape:
                 tape.watch(student)
-                value = loss(student, teacher, step)
-            return value, tape.gradient(value, student)
+                value, permutation = loss(student, teacher, step)
+            return value, permutation, tape.gradient(value, student)
 
         def run(step):
-            value, gradient = compiled(step)
-            return float(value), gradient.numpy()
+            return [x.numpy() for x in compiled(step)]
     else:
         raise SystemExit("bench/cost_growth.py runs on the jax or tensorflow backend.")
     run(np.int32(0))
@@ -98,6 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(BASES), default="cpu")
     parser.add_argument("--only", default=None, help="sweep just this variable (k, block_size, local_crops, batch)")
+    parser.add_argument("--loss-only", action="store_true",
+                        help="time the partition + loss alone (seconds per point instead of a full compile of the "
+                             "step); compare with bench/train_step.py's step time for the share")  # fmt: skip
     args = parser.parse_args()
     base = BASES[args.suite]
     print(f"backend {keras.backend.backend()}, base configuration: {base}")
@@ -109,8 +112,11 @@ def main() -> None:
             config = dict(base, **{variable: value})
             if config["k"] % config["block_size"]:
                 continue
-            step = run_keras(argparse.Namespace(**config))
             loss_ms = 1e3 * loss_only_seconds(config)
+            if args.loss_only:
+                print(f"{variable:<12} {value:>7} {'-':>9} {'-':>9} {loss_ms:>18.2f} {'-':>8}", flush=True)
+                continue
+            step = run_keras(argparse.Namespace(**config))
             print(f"{variable:<12} {value:>7} {step['median_ms']:>9.1f} {step['images_per_s']:>9.1f} {loss_ms:>18.2f} "
                   f"{100 * loss_ms / step['median_ms']:>8.1f}", flush=True)  # fmt: skip
             keras.backend.clear_session()

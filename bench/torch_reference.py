@@ -275,11 +275,11 @@ def device_peak_flops(device, precision: str) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         tensor = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16/fp16 dense, SXM datasheets
-        single = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}  # float32 without TF32
+        tf32 = {"H100": 494.5e12, "H200": 494.5e12, "A100": 156e12}  # TF32 dense: float32 convolutions and matmuls
         for key in tensor:
             if key in name:
-                table = single if precision == "float32" else tensor
-                return table[key], f"{name} datasheet, {'fp32' if precision == 'float32' else 'dense bf16/fp16'}"
+                table = tf32 if precision == "float32" else tensor
+                return table[key], f"{name} datasheet, {'dense TF32' if precision == 'float32' else 'dense bf16/fp16'}"
         return float("nan"), f"{name}: peak unknown"
     return cpu_peak_flops(), "CPU: cores x clock x 32 float32 FLOP/cycle (AVX2, 2 FMA units)"
 
@@ -309,6 +309,10 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        # float32 runs as TF32 on tensor cores, as JAX and TensorFlow do by default (PyTorch's convolutions
+        # already do; this extends it to the head's matmuls): the stronger peer.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     step = CARPStep(args, device)
     global_crops, local_crops = synthetic_crops(args, device)
 

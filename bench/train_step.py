@@ -17,6 +17,11 @@ the table with the ratio keras-carp / reference:
     python bench/train_step.py --suite gpu      # ResNet-50, 2x224 (+ 6x96), K = 65536, batch 64/128/256
     python bench/train_step.py --suite smoke    # seconds: the test suite runs this
     python bench/train_step.py --worker keras --backbone resnet18 ...   # one configuration, one JSON line
+
+Narrow and order the grid with --local-crops-list, --batches, --precisions and
+--implementations (e.g. reference,jax,reference+compile); --deadline stops
+starting runs after a time budget (bench/gpu_tables.sh uses both). Rows are
+appended to --out as they come; the side-by-side table is printed at the end.
 """
 
 from __future__ import annotations
@@ -154,11 +159,26 @@ def versions() -> dict:
 # ----------------------------------------------------------------------------- the suite, in fresh processes
 
 
-def configurations(suite: str):
-    shared, views, batches, precisions = SUITES[suite]
+CONFIG_KEYS = ("backbone", "global_size", "local_size", "local_crops", "k", "block_size", "batch", "precision")
+
+
+def configurations(args):
+    """The suite's grid, optionally narrowed (and ordered) by --local-crops-list, --batches and --precisions."""
+    shared, views, batches, precisions = SUITES[args.suite]
+    if args.local_crops_list:
+        wanted = [int(n) for n in args.local_crops_list.split(",")]
+        views = [v for n in wanted for v in views if v[2] == n]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
+    precisions = args.precisions.split(",") if args.precisions else precisions
     for (global_size, local_size, local_crops), batch, precision in itertools.product(views, batches, precisions):
         yield dict(shared, global_size=global_size, local_size=local_size, local_crops=local_crops, batch=batch,
                    precision=precision)  # fmt: skip
+
+
+def config_label(config: dict) -> str:
+    views = f"2x{config['global_size']}" + (f"+{config['local_crops']}x{config['local_size']}"
+                                            if config["local_crops"] else "")  # fmt: skip
+    return f"{views} batch {config['batch']} {config['precision']}"
 
 
 def flags(config: dict) -> list[str]:
@@ -176,42 +196,70 @@ def run_process(command: list[str], env: dict, timeout: float) -> dict | None:
     return json.loads(lines[-1])
 
 
-def run_suite(args) -> list[dict]:
+def implementations(args) -> list[str]:
+    """The runs of one configuration, in order: "reference", "reference+compile" and Keras backend names."""
     backends = [b for b in args.backends.split(",") if b]
-    results = []
-    for config in configurations(args.suite):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(HERE.parent))
-        reference = {}
-        for compiled in args.reference_modes:
-            if config["precision"] == "float16" and not args.gpu_precisions:
-                continue
-            command = [sys.executable, str(HERE / "torch_reference.py"), *flags(config), "--json"]
-            result = run_process(command + (["--compile"] if compiled else []), env, args.timeout)
-            result = {**config, **result, "implementation": "torch reference" + (" + compile" if compiled else "")}
-            results.append(result)
-            print_row(result, None)
-            if "error" not in result:
-                reference = result if not reference or result["median_ms"] < reference["median_ms"] else reference
-        for backend in backends:
-            worker = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config)]
-            result = run_process(worker, dict(env, KERAS_BACKEND=backend), args.timeout)
-            result = {**config, "implementation": f"keras-carp ({backend})", **result}
-            if "error" not in result and reference:
+    if args.implementations == "auto":
+        names = ["reference", "reference+compile", *backends]
+    else:
+        names = [n for n in args.implementations.split(",") if n.startswith("reference") or n in backends]
+    if args.no_compile_reference or args.suite == "smoke":
+        names = [name for name in names if name != "reference+compile"]
+    return names
+
+
+def with_ratios(results: list[dict]) -> list[dict]:
+    """Add MFU (for keras-carp, with the reference's FLOP count) and x ref (vs the fastest reference) to each row."""
+    out = []
+    for result in results:
+        result = dict(result)
+        same = [r for r in results if r["implementation"].startswith("torch reference") and "error" not in r
+                and all(r[key] == result[key] for key in CONFIG_KEYS)]  # fmt: skip
+        if same and "error" not in result:
+            reference = min(same, key=lambda r: r["median_ms"])
+            if not result["implementation"].startswith("torch reference"):
                 result["step_tflop"] = reference["step_tflop"]
                 result["peak_tflops"], result["peak_source"] = reference["peak_tflops"], reference["peak_source"]
                 flop_per_s = result["step_tflop"] * 1e12 / (result["median_ms"] / 1e3)
                 result["mfu"] = flop_per_s / (result["peak_tflops"] * 1e12)
-                result["vs_reference"] = result["images_per_s"] / reference["images_per_s"]
+            result["vs_reference"] = result["images_per_s"] / reference["images_per_s"]
+            result["reference"] = reference["implementation"]
+        out.append(result)
+    return out
+
+
+def run_suite(args) -> list[dict]:
+    started, results = time.monotonic(), []
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
+        [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))  # fmt: skip
+    for config in configurations(args):
+        for name in implementations(args):
+            left = args.deadline - (time.monotonic() - started) if args.deadline else args.timeout
+            if left < 30:
+                print(f"skipped {name} {config_label(config)}: the --deadline has passed", flush=True)
+                continue
+            if name.startswith("reference"):
+                command = [sys.executable, str(HERE / "torch_reference.py"), *flags(config), "--json"]
+                command += ["--compile"] if name == "reference+compile" else []
+                label, run_env = "torch reference" + (" + compile" if name == "reference+compile" else ""), env
+            else:
+                command = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config)]
+                label, run_env = f"keras-carp ({name})", dict(env, KERAS_BACKEND=name)
+            result = run_process(command, run_env, min(args.timeout, left))
+            result = {**config, **result, "implementation": label}
             results.append(result)
-            print_row(result, reference)
-    return results
+            print_row(with_ratios(results)[-1])
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(with_ratios(results)[-1]) + "\n")
+    return with_ratios(results)
 
 
 HEADER = (f"{'implementation':<28} {'views':<11} {'batch':>5} {'precision':<9} {'median ms':>9} {'p10-p90 ms':>15} "
           f"{'images/s':>9} {'compile s':>9} {'memory GiB':>14} {'MFU %':>6} {'x ref':>6}")  # fmt: skip
 
 
-def print_row(result: dict, reference: dict | None) -> None:
+def print_row(result: dict) -> None:
     views = f"2x{result['global_size']}" + (f"+{result['local_crops']}x{result['local_size']}"
                                             if result["local_crops"] else "")  # fmt: skip
     if "error" in result:
@@ -231,9 +279,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     p.add_argument("--backends", default="jax,tensorflow,torch", help="Keras backends, comma-separated")
+    p.add_argument("--implementations", default="auto",
+                   help="runs per configuration, in order, e.g. reference,jax,reference+compile (auto: the "
+                        "reference, the compiled reference, then --backends)")  # fmt: skip
     p.add_argument("--no-compile-reference", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--local-crops-list", default=None, help="only these numbers of local crops, in this order")
+    p.add_argument("--batches", default=None, help="per-device batches, comma-separated (default: the suite's)")
+    p.add_argument("--precisions", default=None, help="float32,bfloat16,float16 (default: the suite's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and implementation")
-    p.add_argument("--out", default=None, help="also write every result as JSON lines here")
+    p.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")
+    p.add_argument("--out", default=None, help="append every result as a JSON line here, as it comes")
     p.add_argument("--worker", choices=("keras",), default=None, help="time one configuration in this process")
     for key in ("backbone", "precision"):
         p.add_argument(f"--{key}")
@@ -244,13 +299,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(run_keras(args)))
         return
-    args.reference_modes = [False] if args.no_compile_reference or args.suite == "smoke" else [False, True]
-    args.gpu_precisions = args.suite == "gpu"
+    if args.steps:
+        SUITES[args.suite][0]["steps"] = args.steps
+    if args.warmup is not None:
+        SUITES[args.suite][0]["warmup"] = args.warmup
     print(f"suite {args.suite}: {SUITES[args.suite][0]}")
     print(HEADER, flush=True)
     results = run_suite(args)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    print("\nside by side (x ref: images/s over the fastest reference of the same configuration):")
+    print(HEADER)
+    for result in results:
+        print_row(result)
     failed = [r for r in results if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed")

@@ -1,0 +1,117 @@
+"""images/s of ``CARP.fit`` fed by the tf.data multi-crop pipeline, beside the pipeline alone and the step alone.
+
+The pipeline reads synthetic JPEGs at ImageNet-like sizes (as bench/input_pipeline.py
+makes them) from a folder, decodes each once, cuts 2 global + N local crops
+with the full augmentation recipe, and feeds ``fit`` on the active Keras
+backend. Three figures for one configuration:
+
+- fit: images/s over ``--steps`` batches after ``--warmup`` (timed by a callback);
+- pipeline alone: images/s of iterating the same dataset, and per CPU core;
+- step alone: bench/train_step.py's compiled step on device-resident batches.
+
+``fit`` runs at the lower of the last two at best. The cores needed to keep the
+step busy are the step's images/s over the pipeline's images/s per core.
+
+    KERAS_BACKEND=jax python bench/fit_pipeline.py                     # ResNet-18, 2x64 + 4x32, K 4096, batch 32
+    KERAS_BACKEND=jax python bench/fit_pipeline.py --backbone resnet50 --global-size 224 --local-size 96 \\
+        --local-crops 6 --k 65536 --batch 256 --precision bfloat16       # the ImageNet recipe on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import keras  # noqa: E402
+from input_pipeline import cpu_name, make_jpegs, throughput  # noqa: E402
+from train_step import KERAS_POLICIES, run_keras  # noqa: E402
+
+import keras_carp  # noqa: E402
+from keras_carp.data import FolderSource, MultiCropAugmentation, multicrop_dataset  # noqa: E402
+
+
+class BatchClock(keras.callbacks.Callback):
+    """Wall-clock time at the end of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+
+def fit_images_per_second(args, dataset) -> float:
+    keras.config.set_dtype_policy(KERAS_POLICIES[args.precision])
+    keras.utils.set_random_seed(0)
+    model = keras_carp.CARP(
+        keras_carp.build_encoder(args.backbone),
+        keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck),
+        block_size=args.block_size,
+    )
+    model.compile(optimizer=keras_carp.LARS(0.45 * args.batch / 256))
+    clock = BatchClock()
+    # One epoch of the generated images is a few batches: repeat them for the whole measurement.
+    model.fit(dataset.repeat(), epochs=1, steps_per_epoch=args.warmup + args.steps, callbacks=[clock], verbose=0)
+    if len(clock.times) != args.warmup + args.steps:
+        raise RuntimeError(f"fit ran {len(clock.times)} batches, expected {args.warmup + args.steps}")
+    return args.steps * args.batch / (clock.times[-1] - clock.times[args.warmup - 1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--global-size", type=int, default=64)
+    p.add_argument("--local-size", type=int, default=32)
+    p.add_argument("--local-crops", type=int, default=4)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--bottleneck", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--precision", default="float32", choices=sorted(KERAS_POLICIES))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--num-images", type=int, default=300)
+    p.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = p.parse_args()
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first batch compiles the step)")
+    cores = len(os.sched_getaffinity(0))
+    print(f"machine: {cpu_name()}, {cores} CPU cores; Keras {keras.__version__} on {keras.backend.backend()}")
+    views = f"2x{args.global_size}" + (f"+{args.local_crops}x{args.local_size}" if args.local_crops else "")
+    print(f"{args.backbone}, {views}, K {args.k}, N_B {args.block_size}, batch {args.batch}, {args.precision}")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.jpeg_dir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        if len(list(folder.glob("*.jpg"))) < args.num_images:
+            make_jpegs(folder, args.num_images)
+        recipe = MultiCropAugmentation(global_size=args.global_size, local_size=args.local_size,
+                                       num_local_crops=args.local_crops)  # fmt: skip
+        dataset = multicrop_dataset(FolderSource(folder), recipe, args.batch, min_image_size=0)
+        pipeline = throughput(dataset, args.batch, args.steps)
+        fit = fit_images_per_second(args, dataset)
+    keras.backend.clear_session()
+    step = run_keras(argparse.Namespace(**{**vars(args), "steps": args.steps}))["images_per_s"]
+    print(f"  fit, pipeline feeding the step   {fit:9.1f} images/s")
+    print(f"  pipeline alone                   {pipeline:9.1f} images/s ({pipeline / cores:.1f} per core)")
+    print(f"  step alone (device-resident)     {step:9.1f} images/s")
+    print(f"  fit / min(pipeline, step)        {fit / min(pipeline, step):9.2f}")
+    print(f"  cores to keep the step busy      {step / (pipeline / cores):9.1f}")
+    if args.json:
+        print(json.dumps({"fit_images_per_s": fit, "pipeline_images_per_s": pipeline, "step_images_per_s": step,
+                          "cores": cores, "cores_to_keep_step_busy": step / (pipeline / cores)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
