@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 from input_pipeline import cpu_name, make_jpegs, throughput  # noqa: E402
-from train_step import KERAS_POLICIES, run_keras  # noqa: E402
+from train_step import KERAS_POLICIES, build_model, run_keras  # noqa: E402
 
-import keras_carp  # noqa: E402
 from keras_carp.data import FolderSource, MultiCropAugmentation, multicrop_dataset  # noqa: E402
 
 
@@ -50,14 +49,7 @@ class BatchClock(keras.callbacks.Callback):
 
 
 def fit_images_per_second(args, dataset) -> float:
-    keras.config.set_dtype_policy(KERAS_POLICIES[args.precision])
-    keras.utils.set_random_seed(0)
-    model = keras_carp.CARP(
-        keras_carp.build_encoder(args.backbone),
-        keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck),
-        block_size=args.block_size,
-    )
-    model.compile(optimizer=keras_carp.LARS(0.45 * args.batch / 256))
+    model = build_model(args)  # the same model and optimizer as the step-alone figure
     clock = BatchClock()
     # One epoch of the generated images is a few batches: repeat them for the whole measurement.
     model.fit(dataset.repeat(), epochs=1, steps_per_epoch=args.warmup + args.steps, callbacks=[clock], verbose=0)

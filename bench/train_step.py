@@ -72,7 +72,8 @@ def keras_step_runner(model, data):
     return lambda: model.train_function([data])
 
 
-def run_keras(args) -> dict:
+def build_model(args):
+    """The compiled CARP model of one configuration (dtype policy, seed, LARS with the linear-scaled rate)."""
     import keras
 
     import keras_carp
@@ -89,6 +90,13 @@ def run_keras(args) -> dict:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
     model.attach_teacher_ema(keras_carp.TeacherEMA(0.99, 1.0, total_steps=10**6))
+    return model
+
+
+def run_keras(args) -> dict:
+    import keras
+
+    model = build_model(args)
     rng = __import__("numpy").random.default_rng(0)
     sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
     crops = tuple(keras.ops.convert_to_tensor(rng.normal(size=(args.batch, s, s, 3)).astype("float32")) for s in sizes)
