@@ -19,13 +19,17 @@ $B --implementations reference,jax,reference+compile,torch --local-crops-list 6 
 # 2. Global crops only.
 $B --implementations reference,jax,reference+compile --local-crops-list 0 --precisions bfloat16 \
   --deadline "$(left 600)" --timeout 240 2>&1 | tee "$OUT/step2.txt"
-# 3. The loss alone: the library's per-crop formulation against the fused one that was tried.
+# 3. Where the JAX step's time goes (kernels by category, forward / backward split) and the one-pass batch-norm
+#    statistics against Keras' two-pass ones, in one process.
+timeout 300 python3 bench/profile_step.py --variants library,keras_moments --breakdown --out "$OUT/profile.jsonl" \
+  2>&1 | grep -v '^[WI]0' | tee "$OUT/profile.txt"
+# 4. The loss alone: the library's per-crop formulation against the fused one that was tried.
 for crops in 8 2; do
   python3 bench/loss_formulations.py --batch 256 --crops $crops --k 65536 --dtype bfloat16 --steps 20
 done 2>&1 | grep -v '^[WI]0' | tee "$OUT/loss.txt"
-# 4. How the partition + loss grows with K, N_B, local crops and batch.
+# 5. How the partition + loss grows with K, N_B, local crops and batch.
 python3 bench/cost_growth.py --suite gpu --loss-only 2>&1 | grep -v '^[WI]0' | tee "$OUT/cost.txt"
-# 5. float32 (TF32 tensor cores), then the rest of the grid (batch 64/128, float16).
+# 6. float32 (TF32 tensor cores), then the rest of the grid (batch 64/128, float16).
 $B --implementations reference,jax --local-crops-list 6 --precisions float32 --timeout 300 2>&1 | tee "$OUT/step3.txt"
 python3 bench/train_step.py --suite gpu --backends jax,torch --batches 64,128 --out "$OUT/step.jsonl" 2>&1 \
   | tee "$OUT/step4.txt"

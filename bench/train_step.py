@@ -84,6 +84,7 @@ def build_model(args):
         keras_carp.build_encoder(args.backbone),
         keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck),
         block_size=args.block_size,
+        batch_norm_moments=getattr(args, "batch_norm_moments", None) or "one_pass",
     )
     optimizer = keras_carp.LARS(0.45 * args.batch / 256)
     if args.precision == "float16":
@@ -251,8 +252,10 @@ def run_suite(args) -> list[dict]:
                 command += ["--compile"] if name == "reference+compile" else []
                 label, run_env = "torch reference" + (" + compile" if name == "reference+compile" else ""), env
             else:
-                command = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config)]
+                command = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config),
+                           f"--batch-norm-moments={args.batch_norm_moments}"]  # fmt: skip
                 label, run_env = f"keras-carp ({name})", dict(env, KERAS_BACKEND=name)
+                label += "" if args.batch_norm_moments == "one_pass" else f" {args.batch_norm_moments} BN"
             result = run_process(command, run_env, min(args.timeout, left))
             result = {**config, **result, "implementation": label}
             results.append(result)
@@ -297,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and implementation")
     p.add_argument("--deadline", type=float, default=None, help="start no run after this many seconds")
     p.add_argument("--out", default=None, help="append every result as a JSON line here, as it comes")
+    p.add_argument(
+        "--batch-norm-moments",
+        choices=("one_pass", "keras"),
+        default="one_pass",
+        help="CARP(batch_norm_moments=): keras-carp's one-pass BN statistics or Keras' two-pass ones",
+    )
     p.add_argument("--worker", choices=("keras",), default=None, help="time one configuration in this process")
     for key in ("backbone", "precision"):
         p.add_argument(f"--{key}")

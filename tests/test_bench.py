@@ -81,3 +81,81 @@ def test_fit_pipeline_benchmark_reports_fit_pipeline_and_step(tmp_path):
     assert fit > 0 and pipeline > 0 and step > 0
     assert figures["cores_to_keep_step_busy"] == pytest.approx(step / (pipeline / figures["cores"]))
     assert f"{fit / min(pipeline, step):9.2f}" in done.stdout  # the printed table
+
+
+def _profile_step_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 1
+    name: "Stream #14(Compute,MemcpyD2D,Memset)"
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000000
+             stats { metadata_id: 1 str_value: "fusion.7" } }
+    events { metadata_id: 2 offset_ps: 4000000000 duration_ps: 1000000000
+             stats { metadata_id: 1 str_value: "cc.2" } }
+    events { metadata_id: 1 offset_ps: 6000000000 duration_ps: 3000000000
+             stats { metadata_id: 1 str_value: "fusion.7" } }
+  }
+  lines { id: 2 name: "Stream #16(MemcpyD2H)"
+    events { metadata_id: 3 offset_ps: 9000000000 duration_ps: 1000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "input_reduce_fusion" } }
+  event_metadata { key: 2 value { id: 2 name: "sm90_xmma_wgrad_implicit_gemm" } }
+  event_metadata { key: 3 value { id: 3 name: "MemcpyD2H" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+planes { id: 2 name: "/host:CPU" lines { id: 1 name: "python"
+  events { metadata_id: 1 offset_ps: 0 duration_ps: 90000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(train_step)" } } }
+"""
+HLO = (  # two instructions of an optimized module, as `compiled.as_text()` prints them
+    "  %fusion.7 = (f32[64]{0}, f32[64]{0}) fusion(bf16[8,4,4,64]{3,2,1,0} %p), kind=kInput, "
+    'calls=%fused_computation.7, metadata={op_name="jit(train_step)/jvp(encoder)/conv2_block1_1_bn/'
+    'batch_normalization/reduce_sum" source_file="x.py"}\n'
+    '  %cc.2 = (bf16[3,3,64,64]{3,2,1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cudnn$convBackward'
+    'Filter", metadata={op_name="jit(train_step)/transpose(jvp(encoder))/conv2_block1_2_conv/conv_general_dilated"}\n'
+)
+
+
+def test_profile_summary_groups_gpu_kernels_by_what_they_compute(capsys):
+    from jax.profiler import ProfileData
+
+    profile_step = _profile_step_module()
+    profile = ProfileData.from_text_proto(GPU_TRACE)
+    rows, busy, span = profile_step.kernel_rows(profile, profile_step.op_names_from_hlo(HLO))
+    assert busy == pytest.approx(8.0) and span == pytest.approx(10.0)  # every stream line, host events left out
+    assert rows[0][0][:2] == ("input_reduce_fusion", "fusion.7") and rows[0][1] == [6.0, 2]
+    figures = profile_step.summarize_profile(profile, HLO, steps=2, top=5)
+    assert figures["categories"] == pytest.approx({"batch norm": 3.0, "convolution": 0.5, "other elementwise": 0.5})
+    assert figures["busy_ms"] == pytest.approx(4.0) and figures["backward_ms"] == pytest.approx(0.5)
+    assert "conv2_block1_2_conv/conv_general_dilated" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_profile_step_times_the_library_step_against_keras_batch_norm_statistics(tmp_path):
+    pytest.importorskip("jax")
+    out = tmp_path / "profile.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--backbone", "resnet_tiny",
+                           "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch", "4",
+                           "--k", "64", "--block-size", "16", "--hidden", "32", "--bottleneck", "16",
+                           "--precision", "float32", "--steps", "3", "--warmup", "1", "--breakdown",
+                           "--variants", "library,keras_moments", "--profile", "", "--out", str(out)],
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax"), capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    library, keras_moments = (json.loads(line) for line in out.read_text().splitlines())
+    assert (library["variant"], keras_moments["variant"]) == ("library", "keras_moments")
+    assert library["loss"] == pytest.approx(keras_moments["loss"], rel=1e-5)  # same step, other BN statistics
+    for result in (library, keras_moments):
+        assert 0 < result["min_ms"] <= result["median_ms"] and result["pipelined_ms"] > 0
+        assert 0 < result["breakdown_ms"]["forward"] < result["breakdown_ms"]["forward+backward"]
+    assert "x first" in done.stdout
