@@ -54,12 +54,13 @@ def batch_norm_layers(network: keras.layers.Layer) -> list:
 def use_one_pass_moments(network: keras.layers.Layer, enabled: bool = True) -> int:
     """Make every BN layer of ``network`` compute its training statistics in one pass (or Keras' way again).
 
-    Returns the number of layers changed. Layers that do not have Keras'
-    ``_moments`` hook (a future Keras) keep their own statistics.
+    Returns the number of layers changed. Layers whose class brings its own
+    ``_moments``, and every layer if Keras drops that hook, keep their statistics.
     """
+    keras_moments = getattr(keras.layers.BatchNormalization, "_moments", None)
     changed = 0
     for layer in batch_norm_layers(network):
-        if not callable(getattr(type(layer), "_moments", None)):
+        if keras_moments is None or getattr(type(layer), "_moments", None) is not keras_moments:
             continue
         if enabled:
             object.__setattr__(layer, "_moments", types.MethodType(one_pass_moments, layer))

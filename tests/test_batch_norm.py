@@ -52,6 +52,16 @@ def test_batch_norm_layer_output_matches_keras_two_pass_statistics():
     assert use_one_pass_moments(fast, enabled=False) == 1 and "_moments" not in vars(fast)
 
 
+def test_subclasses_with_their_own_statistics_are_left_alone():
+    class MedianBatchNorm(keras.layers.BatchNormalization):
+        def _moments(self, inputs, mask):
+            return super()._moments(inputs, mask)
+
+    layer = MedianBatchNorm()
+    layer.build((None, 3))
+    assert use_one_pass_moments(layer) == 0 and "_moments" not in vars(layer)
+
+
 def test_masked_inputs_keep_keras_statistics():
     rng = np.random.default_rng(2)
     x = keras.ops.convert_to_tensor(rng.normal(size=(4, 6, 3)).astype("float32"))
