@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 from input_pipeline import cpu_name, make_jpegs, throughput  # noqa: E402
-from train_step import KERAS_POLICIES, build_model, run_keras  # noqa: E402
+from train_step import add_config_arguments, build_model, run_keras  # noqa: E402
 
 from keras_carp.data import FolderSource, MultiCropAugmentation, multicrop_dataset  # noqa: E402
 
@@ -60,18 +60,8 @@ def fit_images_per_second(args, dataset) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--global-size", type=int, default=64)
-    p.add_argument("--local-size", type=int, default=32)
-    p.add_argument("--local-crops", type=int, default=4)
-    p.add_argument("--k", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--bottleneck", type=int, default=256)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--precision", default="float32", choices=sorted(KERAS_POLICIES))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    add_config_arguments(p, backbone="resnet18", global_size=64, local_size=32, local_crops=4, k=4096, block_size=512,
+                         hidden=2048, bottleneck=256, batch=32, precision="float32", steps=20, warmup=3)  # fmt: skip
     p.add_argument("--num-images", type=int, default=300)
     p.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")

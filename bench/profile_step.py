@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import build_model  # noqa: E402
+from train_step import add_config_arguments, build_model  # noqa: E402
 
 VARIANTS = ("library", "keras_moments", "pool_slices")
 
@@ -272,18 +272,9 @@ def run_variant(args, name: str, profile: bool) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--local-size", type=int, default=96)
-    parser.add_argument("--local-crops", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--k", type=int, default=65536)
-    parser.add_argument("--block-size", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--bottleneck", type=int, default=256)
-    parser.add_argument("--precision", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_config_arguments(parser, backbone="resnet50", global_size=224, local_size=96, local_crops=6, batch=256,
+                         k=65536, block_size=512, hidden=2048, bottleneck=256, precision="bfloat16", steps=30,
+                         warmup=3)  # fmt: skip
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument(

@@ -51,6 +51,17 @@ KERAS_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16":
 
 # ----------------------------------------------------------------------------- one configuration, in this process
 
+CONFIG_ARGUMENTS = (("backbone", str), ("global-size", int), ("local-size", int), ("local-crops", int), ("k", int),
+                    ("block-size", int), ("hidden", int), ("bottleneck", int), ("batch", int), ("precision", str),
+                    ("steps", int), ("warmup", int))  # fmt: skip
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The flags of one configuration (what ``build_model`` and the timed crops read), with a benchmark's defaults."""
+    for name, kind in CONFIG_ARGUMENTS:
+        choices = sorted(KERAS_POLICIES) if name == "precision" else None
+        parser.add_argument(f"--{name}", type=kind, default=defaults.get(name.replace("-", "_")), choices=choices)
+
 
 def keras_step_runner(model, data):
     """The compiled train function ``fit`` uses, called on one device-resident batch; returns step() -> logs."""
@@ -307,11 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         help="CARP(batch_norm_moments=): keras-carp's one-pass BN statistics or Keras' two-pass ones",
     )
     p.add_argument("--worker", choices=("keras",), default=None, help="time one configuration in this process")
-    for key in ("backbone", "precision"):
-        p.add_argument(f"--{key}")
-    for key in ("global-size", "local-size", "local-crops", "k", "block-size", "hidden", "bottleneck", "batch",
-                "steps", "warmup"):  # fmt: skip
-        p.add_argument(f"--{key}", type=int)
+    add_config_arguments(p)  # one configuration, for --worker (the suites set them otherwise)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(run_keras(args)))
