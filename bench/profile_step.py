@@ -88,15 +88,10 @@ def apply_variant(name: str):
     """Patch Keras' JAX backend for ``name``; returns a function that undoes it."""
     from keras.src.backend.jax import nn
 
-    saved = {"max_pool": nn.max_pool}
+    original = nn.max_pool
     if name == "pool_slices":
-        nn.max_pool = slice_max_pool_2d(saved["max_pool"])
-
-    def undo():
-        for key, value in saved.items():
-            setattr(nn, key, value)
-
-    return undo
+        nn.max_pool = slice_max_pool_2d(original)
+    return lambda: setattr(nn, "max_pool", original)
 
 
 # ----------------------------------------------------------------------------- profile parsing
@@ -186,13 +181,12 @@ def time_parts(model, state, data, steps: int) -> dict:
     import jax
     import keras
 
+    from keras_carp.backends.jax import state_mapping
+
     trainable, non_trainable, optimizer_state, _ = state
 
     def loss(trainable, non_trainable, optimizer_state, data):
-        mapping = (list(zip(model.trainable_variables, trainable))
-                   + list(zip(model.non_trainable_variables, non_trainable))
-                   + list(zip(model.optimizer.variables, optimizer_state)))  # fmt: skip
-        with keras.StatelessScope(state_mapping=mapping):
+        with keras.StatelessScope(state_mapping=state_mapping(model, trainable, non_trainable, optimizer_state)):
             return model.compute_carp_losses(data, 0, training=True)["loss"]
 
     def timed(function) -> float:

@@ -21,6 +21,7 @@ Keras). Masked inputs and synchronised (cross-replica) BN keep Keras' own path.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 
 import keras
 from keras import ops
@@ -44,6 +45,7 @@ def one_pass_moments(layer: keras.layers.BatchNormalization, inputs, mask=None):
 
 
 def batch_norm_layers(network: keras.layers.Layer) -> list:
+    """The BatchNormalization layers in ``network`` (itself included), nested models and layers too."""
     return [
         layer
         for layer in network._flatten_layers(include_self=True)
@@ -51,15 +53,15 @@ def batch_norm_layers(network: keras.layers.Layer) -> list:
     ]
 
 
-def use_one_pass_moments(network: keras.layers.Layer, enabled: bool = True) -> int:
-    """Make every BN layer of ``network`` compute its training statistics in one pass (or Keras' way again).
+def use_one_pass_moments(layers: Iterable[keras.layers.BatchNormalization], enabled: bool = True) -> int:
+    """Make these BN layers compute their training statistics in one pass (or Keras' way again).
 
     Returns the number of layers changed. Layers whose class brings its own
     ``_moments``, and every layer if Keras drops that hook, keep their statistics.
     """
     keras_moments = getattr(keras.layers.BatchNormalization, "_moments", None)
     changed = 0
-    for layer in batch_norm_layers(network):
+    for layer in layers:
         if keras_moments is None or getattr(type(layer), "_moments", None) is not keras_moments:
             continue
         if enabled:

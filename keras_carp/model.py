@@ -12,7 +12,7 @@ import keras
 from keras import ops
 
 from keras_carp import backends
-from keras_carp.batch_norm import MOMENTS, use_one_pass_moments
+from keras_carp.batch_norm import MOMENTS, batch_norm_layers, use_one_pass_moments
 from keras_carp.callbacks import TeacherEMA
 from keras_carp.heads import CARPHead
 from keras_carp.losses import block_softmax, carp_loss_from_probs, check_partition
@@ -30,9 +30,8 @@ def _freeze_keeping_batch_statistics(network: keras.layers.Layer) -> None:
     released code) although it never gets gradients.
     """
     network.trainable = False
-    for layer in network._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer._trainable = True
+    for layer in batch_norm_layers(network):
+        layer._trainable = True
 
 
 def views_from_data(data) -> list:
@@ -145,8 +144,7 @@ class CARP(keras.Model):
         # Only TensorFlow strategies need it (JAX DataParallel and one device are global already).
         self._set_batch_norm_synchronized(self.sync_batch_norm and keras.backend.backend() == "tensorflow")
         self.batch_norm_moments = batch_norm_moments
-        for network in (self.student_encoder, self.student_head, self.teacher_encoder, self.teacher_head):
-            use_one_pass_moments(network, enabled=batch_norm_moments == "one_pass")
+        use_one_pass_moments(self._batch_norm_layers(), enabled=batch_norm_moments == "one_pass")
         # (student, teacher) pairs averaged by the EMA: trainable weights only. Set past Keras' attribute
         # tracking: tracked, these variables would count as the model's own a second time (and be saved twice).
         pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
@@ -158,12 +156,7 @@ class CARP(keras.Model):
 
     def _batch_norm_layers(self) -> list:
         networks = (self.student_encoder, self.student_head, self.teacher_encoder, self.teacher_head)
-        return [
-            layer
-            for network in networks
-            for layer in network._flatten_layers(include_self=False)
-            if isinstance(layer, keras.layers.BatchNormalization)
-        ]
+        return [layer for network in networks for layer in batch_norm_layers(network)]
 
     def _set_batch_norm_synchronized(self, synchronized: bool) -> list:
         """Set every BN layer's ``synchronized``; returns the previous values."""

@@ -45,11 +45,11 @@ def test_batch_norm_layer_output_matches_keras_two_pass_statistics():
     rng = np.random.default_rng(1)
     x = keras.ops.convert_to_tensor((2.0 + rng.normal(size=(8, 5, 5, 3))).astype("float32"))
     plain, fast = _layer(3), _layer(3)
-    assert use_one_pass_moments(fast) == 1
+    assert use_one_pass_moments([fast]) == 1
     np.testing.assert_allclose(to_numpy(fast(x, training=True)), to_numpy(plain(x, training=True)), atol=1e-5)
     np.testing.assert_allclose(to_numpy(fast.moving_variance), to_numpy(plain.moving_variance), rtol=1e-5)
     assert fast.get_config() == plain.get_config()  # saved files stay plain Keras
-    assert use_one_pass_moments(fast, enabled=False) == 1 and "_moments" not in vars(fast)
+    assert use_one_pass_moments([fast], enabled=False) == 1 and "_moments" not in vars(fast)
 
 
 def test_subclasses_with_their_own_statistics_are_left_alone():
@@ -59,7 +59,7 @@ def test_subclasses_with_their_own_statistics_are_left_alone():
 
     layer = MedianBatchNorm()
     layer.build((None, 3))
-    assert use_one_pass_moments(layer) == 0 and "_moments" not in vars(layer)
+    assert use_one_pass_moments([layer]) == 0 and "_moments" not in vars(layer)
 
 
 def test_masked_inputs_keep_keras_statistics():
@@ -69,7 +69,7 @@ def test_masked_inputs_keep_keras_statistics():
     plain, fast = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
     plain.build((None, 6, 3))
     fast.build((None, 6, 3))
-    use_one_pass_moments(fast)
+    use_one_pass_moments([fast])
     expected = to_numpy(plain(x, training=True, mask=mask))
     np.testing.assert_allclose(to_numpy(fast(x, training=True, mask=mask)), expected)
 

@@ -16,18 +16,24 @@ def _index_of(variables) -> dict:
     return {id(v): i for i, v in enumerate(variables)}
 
 
+def state_mapping(model, trainable, non_trainable, optimizer_state) -> list:
+    """(variable, value) pairs for ``keras.StatelessScope``: the model's and the optimizer's state."""
+    return (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(model.non_trainable_variables, non_trainable))
+        + list(zip(model.optimizer.variables, optimizer_state))
+    )
+
+
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_state, metric_state = state
     optimizer = model.optimizer
     step = ops.cast(optimizer_state[_index_of(optimizer.variables)[id(optimizer.iterations)]], "int32")
 
     def scaled_loss(trainable, non_trainable):
-        mapping = (
-            list(zip(model.trainable_variables, trainable))
-            + list(zip(model.non_trainable_variables, non_trainable))
-            + list(zip(optimizer.variables, optimizer_state))
-        )
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with keras.StatelessScope(
+            state_mapping=state_mapping(model, trainable, non_trainable, optimizer_state)
+        ) as scope:
             logs = model.compute_carp_losses(data, step, training=True)
             loss = optimizer.scale_loss(logs["loss"])
         return loss, (logs, [scope.get_current_value(v) for v in model.non_trainable_variables])
