@@ -148,7 +148,7 @@ def test_profile_step_times_the_library_step_against_keras_batch_norm_statistics
                            "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--batch", "4",
                            "--k", "64", "--block-size", "16", "--hidden", "32", "--bottleneck", "16",
                            "--precision", "float32", "--steps", "3", "--warmup", "1", "--breakdown",
-                           "--variants", "library,keras_moments", "--profile", "", "--out", str(out)],
+                           "--variants", "library,keras_moments", "--profile", "library", "--out", str(out)],
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="jax"), capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -159,3 +159,7 @@ def test_profile_step_times_the_library_step_against_keras_batch_norm_statistics
         assert 0 < result["min_ms"] <= result["median_ms"] and result["pipelined_ms"] > 0
         assert 0 < result["breakdown_ms"]["forward"] < result["breakdown_ms"]["forward+backward"]
     assert "x first" in done.stdout
+    # The library step was traced with jax.profiler and the trace read back: its GPU kernels, or on a CPU a note.
+    assert "profile" in library and "profile" not in keras_moments
+    assert ("GPU kernel time per step" in done.stdout) == (library["profile"]["busy_ms"] > 0)
+    assert "GPU kernel time per step" in done.stdout or "No GPU kernels in the trace" in done.stdout
