@@ -4,11 +4,12 @@ For each configuration: the median time of the whole compiled train step
 (as bench/train_step.py measures it, on device-resident synthetic batches) and
 of the partition + loss alone: the step's permutation, the float32 block
 softmax and the consistency + entropy loss, forward
-and backward (w.r.t. the student logits), compiled the same way.
-The share is their ratio. Runs on the active Keras backend (JAX or TensorFlow).
+and backward (w.r.t. the student logits), compiled the same way (XLA on JAX and
+TensorFlow; eager autograd on PyTorch, as Keras' PyTorch backend runs the step).
+The share is their ratio. Runs on the active Keras backend.
 
-    KERAS_BACKEND=jax python bench/cost_growth.py --suite cpu
     KERAS_BACKEND=jax python bench/cost_growth.py --suite gpu
+    KERAS_BACKEND=torch python bench/cost_growth.py --suite cpu   # the fastest Keras backend on a CPU
 """
 
 from __future__ import annotations
@@ -83,8 +84,19 @@ def loss_only_seconds(config: dict) -> float:
 
         def run(step):
             return [x.numpy() for x in compiled(step)]
+    elif backend == "torch":
+        import torch
+
+        leaf = student.detach().requires_grad_(True)
+
+        def run(step):
+            value, permutation = loss(leaf, teacher, step)
+            (gradient,) = torch.autograd.grad(value, leaf)
+            if gradient.is_cuda:
+                torch.cuda.synchronize()
+            return value, permutation, gradient
     else:
-        raise SystemExit("bench/cost_growth.py runs on the jax or tensorflow backend.")
+        raise SystemExit(f"bench/cost_growth.py does not run on the {backend} backend.")
     run(np.int32(0))
     times = []
     for step in range(1, config["steps"] + 1):

@@ -34,13 +34,21 @@ def test_train_step_benchmark_against_the_torch_reference(tmp_path):
 
 
 @pytest.mark.slow
-def test_cost_growth_benchmark_prints_the_loss_share():
-    if keras.backend.backend() not in ("jax", "tensorflow"):
-        pytest.skip("bench/cost_growth.py runs on the jax or tensorflow backend")
+@pytest.mark.parametrize("backend", ["session", "torch"])
+def test_cost_growth_benchmark_prints_the_loss_share(backend):
+    """On the session's backend (XLA on JAX / TensorFlow) and on PyTorch, whose eager step is Keras' fastest on a
+    CPU and gives the README's CPU table."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    else:
+        backend = keras.backend.backend()
+        if backend == "torch":
+            pytest.skip("the torch case runs it")
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "cost_growth.py"), "--suite", "smoke"],
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND=backend),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"backend {backend}," in done.stdout
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("k ")]
     assert [row[1] for row in rows] == ["64", "128"]
     for row in rows:
