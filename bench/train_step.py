@@ -100,7 +100,8 @@ def build_model(args):
     optimizer = keras_carp.LARS(0.45 * args.batch / 256)
     if args.precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer)
+    jit_compile = {"auto": "auto", "true": True, "false": False}[getattr(args, "jit_compile", None) or "auto"]
+    model.compile(optimizer=optimizer, jit_compile=jit_compile)
     model.attach_teacher_ema(keras_carp.TeacherEMA(0.99, 1.0, total_steps=10**6))
     return model
 
@@ -114,7 +115,7 @@ def run_keras(args) -> dict:
     crops = tuple(keras.ops.convert_to_tensor(rng.normal(size=(args.batch, s, s, 3)).astype("float32")) for s in sizes)
 
     started = time.perf_counter()
-    model.train_on_batch(crops)  # builds the optimizer and traces + compiles the step
+    first_loss = float(model.train_on_batch(crops, return_dict=True)["loss"])  # builds, traces, compiles the step
     first = time.perf_counter() - started
     step = keras_step_runner(model, (crops,))
     wait = lambda logs: float(keras.ops.convert_to_numpy(logs["loss"]))  # noqa: E731
@@ -133,7 +134,8 @@ def run_keras(args) -> dict:
     return {
         "implementation": f"keras-carp ({keras.backend.backend()})", "backend": keras.backend.backend(),
         "median_ms": 1e3 * median, "p10_ms": 1e3 * deciles[0], "p90_ms": 1e3 * deciles[-1],
-        "images_per_s": args.batch / median, "compile_s": max(first - median, 0.0),
+        "images_per_s": args.batch / median, "compile_s": max(first - median, 0.0), "first_loss": first_loss,
+        "jit_compile": str(model.jit_compile),
         "peak_memory_gib": memory, "memory_kind": kind, "versions": versions(),
     }  # fmt: skip
 
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         help="CARP(batch_norm_moments=): keras-carp's one-pass BN statistics or Keras' two-pass ones",
     )
     p.add_argument("--worker", choices=("keras",), default=None, help="time one configuration in this process")
+    p.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
+                   help="--worker: CARP.compile(jit_compile=...), XLA or not")  # fmt: skip
     add_config_arguments(p)  # one configuration, for --worker (the suites set them otherwise)
     args = p.parse_args(argv)
     if args.worker:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import keras
 
+from keras_carp.optimizers import batch_counter
 from keras_carp.schedules import cosine_ramp
 
 
 @keras.saving.register_keras_serializable(package="keras_carp")
 class TeacherEMA(keras.callbacks.Callback):
-    """Teacher <- m * teacher + (1 - m) * student after every optimizer step.
+    """Teacher <- m * teacher + (1 - m) * student at every optimizer step, from the pre-step student weights.
 
     m follows a per-step cosine from ``base_momentum`` to ``final_momentum`` over
     the whole run (``epochs * steps_per_epoch`` of the ``fit`` call, or
@@ -87,7 +88,7 @@ class StepTensorBoard(keras.callbacks.TensorBoard):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         # Keras increments this counter before each step's summaries; start it at the restored step.
-        self._global_train_batch = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._global_train_batch = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
 
 
 class RunCSVLogger(keras.callbacks.CSVLogger):

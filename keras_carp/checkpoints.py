@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_carp.optimizers import batch_counter
+
 logger = logging.getLogger("keras_carp.checkpoints")
 
 _NAME = re.compile(r"^step-(\d{9})\.json$")
@@ -189,7 +191,7 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         _gfile().makedirs(self.directory)
-        self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._step = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_batch = -1

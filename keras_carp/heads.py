@@ -18,8 +18,11 @@ class CARPHead(layers.Layer):
 
     ``logits = z . (C / ||C||_row)^T``: the prototype weight is weight-normalised
     with the gain fixed at 1, so every prototype has unit L2 norm at every step;
-    z itself is not normalised. Kernels (and the prototypes) start from a
-    truncated normal with std 0.02, biases from 0.
+    z itself is not normalised. Initialisation as released: MLP kernels from a
+    normal with std 0.02 (PyTorch's ``trunc_normal_`` cuts at +-2 in absolute
+    units, i.e. never at this std), biases 0; the prototypes as PyTorch's
+    default ``Linear`` weight, uniform in +-1/sqrt(d) (only their direction
+    matters).
 
     Args:
         num_prototypes: K.
@@ -50,7 +53,7 @@ class CARPHead(layers.Layer):
         self.bottleneck_dim = bottleneck_dim
         self.num_layers = num_layers
         self.use_batch_norm = use_batch_norm
-        init = keras.initializers.TruncatedNormal(stddev=0.02)
+        init = keras.initializers.RandomNormal(stddev=0.02)
         self.mlp = []
         for index in range(num_layers - 1):
             self.mlp.append(
@@ -74,7 +77,7 @@ class CARPHead(layers.Layer):
         self.prototypes = self.add_weight(
             name="prototypes",
             shape=(self.num_prototypes, self.bottleneck_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            initializer=keras.initializers.RandomUniform(-self.bottleneck_dim**-0.5, self.bottleneck_dim**-0.5),
         )
 
     def embed(self, features, training=None):

@@ -16,6 +16,7 @@ from keras_carp.batch_norm import MOMENTS, batch_norm_layers, use_one_pass_momen
 from keras_carp.callbacks import TeacherEMA
 from keras_carp.heads import CARPHead
 from keras_carp.losses import block_softmax, carp_loss_from_probs, check_partition
+from keras_carp.optimizers import accumulation_steps, base_optimizer
 from keras_carp.partition import random_permutation, sequential_permutation
 
 PARTITIONS = ("random", "fixed")
@@ -69,10 +70,19 @@ class CARP(keras.Model):
     """Consistent Assignment of views over Random Partitions.
 
     A student (encoder + ``CARPHead``) trained by gradient descent and a teacher
-    copy (identical at start, never trained, updated by ``TeacherEMA``). Each
-    step runs every crop through the student (once per resolution) and the two
-    global crops through the teacher, draws the partition from (seed, step),
-    and minimises ``carp_loss``.
+    copy (identical at start, never trained, moved towards the student by an
+    exponential moving average). Each step, as in the authors' released step:
+
+    1. the student's encoder runs once per resolution group of crops, its head
+       once on the pooled features of all crops together (one set of head
+       batch-norm statistics); the teacher sees the 2 global crops;
+    2. the partition is drawn from (seed, batch), the loss is ``carp_loss``;
+    3. the teacher moves with the pre-step student weights,
+       ``teacher <- m * teacher + (1 - m) * student`` (m from ``TeacherEMA``);
+    4. the optimizer steps. With Keras' ``gradient_accumulation_steps=N`` on
+       the optimizer, steps 3 and 4 happen on the last batch of every N (the
+       gradients are averaged, i.e. the loss is divided by N); every batch
+       draws its own partition.
 
     Args:
         encoder: image encoder returning pooled features [N, D] for any
@@ -182,13 +192,16 @@ class CARP(keras.Model):
         """
         views = views_from_data(data)
         permutation = self.partition_permutation(step)
-        student_logits: list = [None] * len(views)
+        # The backbone runs once per resolution group; the head once on every crop's features together, so
+        # its batch norm normalises all crops of the batch with one set of statistics (as released).
+        crop_features: list = [None] * len(views)
         for indices in _resolution_groups(views):
             batch = ops.concatenate([views[i] for i in indices], axis=0)
             features = self.student_encoder(batch, training=training)
-            logits = self.student_head(features, training=training, permutation=permutation)
-            for index, chunk in zip(indices, ops.split(logits, len(indices), axis=0)):
-                student_logits[index] = chunk
+            for index, chunk in zip(indices, ops.split(features, len(indices), axis=0)):
+                crop_features[index] = chunk
+        logits = self.student_head(ops.concatenate(crop_features, axis=0), training=training, permutation=permutation)
+        student_logits = ops.split(logits, len(views), axis=0)
         teacher_batch = ops.concatenate(views[:2], axis=0)
         teacher_features = self.teacher_encoder(teacher_batch, training=training)
         teacher_logits = ops.stop_gradient(
@@ -212,12 +225,20 @@ class CARP(keras.Model):
             self.make_train_function(force=True)
 
     def teacher_momentum(self, step):
+        """The schedule's teacher momentum m at batch ``step``."""
         return (self.teacher_ema or TeacherEMA()).momentum(step)
+
+    def applied_teacher_momentum(self, step, momentum):
+        """The m the teacher update applies at batch ``step``: ``momentum``, or 1 (no update) on the batches
+        that only accumulate gradients (the teacher moves with the optimizer step, on a group's last batch)."""
+        steps = accumulation_steps(self.optimizer)
+        if steps == 1:
+            return momentum
+        return ops.where(ops.equal((ops.cast(step, "int32") + 1) % steps, 0), momentum, ops.ones_like(momentum))
 
     def current_learning_rate(self, step):
         """The learning rate applied at ``step`` (for the logs)."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        rate = optimizer._learning_rate
+        rate = base_optimizer(self.optimizer)._learning_rate
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return ops.cast(rate(step), "float32")
         return ops.cast(ops.convert_to_tensor(rate), "float32")

@@ -23,6 +23,8 @@ class LARS(keras.optimizers.Optimizer):
         momentum: heavy-ball momentum (0.9).
         weight_decay: L2 coefficient added to the gradient (1e-6), not decoupled.
         eta: trust coefficient (0.001).
+        gradient_accumulation_steps: Keras' option (average the gradients of
+            N batches into one step); 1 or None: off.
     """
 
     def __init__(
@@ -35,6 +37,8 @@ class LARS(keras.optimizers.Optimizer):
         **kwargs,
     ):
         kwargs.pop("weight_decay", None)
+        if kwargs.get("gradient_accumulation_steps") == 1:  # Keras wants None or >= 2
+            kwargs["gradient_accumulation_steps"] = None
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         for label, value in (("momentum", momentum), ("weight_decay", weight_decay), ("eta", eta)):
             if value < 0:
@@ -74,3 +78,25 @@ class LARS(keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(momentum=self.momentum, weight_decay=self.lars_weight_decay, eta=self.eta)
         return config
+
+
+def base_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer that updates the weights (the inner one of a ``LossScaleOptimizer``)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def accumulation_steps(optimizer: keras.optimizers.Optimizer) -> int:
+    """Batches whose gradients are summed into one optimizer step (Keras' ``gradient_accumulation_steps``; 1 if off)."""
+    return int(base_optimizer(optimizer).gradient_accumulation_steps or 1)
+
+
+def batch_counter(optimizer: keras.optimizers.Optimizer):
+    """The optimizer's count of training batches, a variable.
+
+    The learning-rate schedule, the teacher momentum, the partition and the run
+    directory's checkpoints are all indexed by batch, as in the released code.
+    Keras' public ``iterations`` counts optimizer steps: with gradient
+    accumulation over N batches it is the batch count // N. The batch count is
+    the private ``_iterations`` variable that Keras' schedules read.
+    """
+    return base_optimizer(optimizer)._iterations

@@ -41,25 +41,33 @@ def test_teacher_starts_identical_and_is_not_trainable():
     )
 
 
-def test_teacher_ema_update_after_the_optimizer_step():
-    """teacher_1 = m * teacher_0 + (1 - m) * student_1 for every trainable weight."""
+def test_teacher_ema_uses_the_pre_step_student_weights():
+    """teacher_1 = m * teacher_0 + (1 - m) * student_0 for every trainable weight (released order)."""
     model = tiny_model()
     pairs = model.ema_pairs
     teacher_0 = _values([t for _, t in pairs])
+    for s, _ in pairs:  # a student that differs from the teacher before the step
+        s.assign(to_numpy(s) + np.random.default_rng(0).normal(0, 0.1, size=s.shape).astype("float32"))
+    student_0 = _values([s for s, _ in pairs])
     _fit(model, random_views(batch=8), callbacks=[keras_carp.TeacherEMA(0.75, 0.75)])
     student_1, teacher_1 = _values([s for s, _ in pairs]), _values([t for _, t in pairs])
     moved = 0
-    for t0, s1, t1 in zip(teacher_0, student_1, teacher_1):
-        np.testing.assert_allclose(t1, 0.75 * t0 + 0.25 * s1, rtol=1e-5, atol=1e-6)
-        moved += not np.allclose(t0, s1)
-    assert moved > len(pairs) // 2  # the student did move, so the check has teeth
+    for t0, s0, s1, t1 in zip(teacher_0, student_0, student_1, teacher_1):
+        np.testing.assert_allclose(t1, 0.75 * t0 + 0.25 * s0, rtol=1e-5, atol=1e-6)
+        moved += not np.allclose(s0, s1)
+    assert moved > len(pairs) // 2  # the student did move, so the pre-step / post-step check has teeth
 
 
-def test_zero_momentum_makes_the_teacher_the_student():
+def test_zero_momentum_makes_the_teacher_the_previous_student():
+    """m = 0 (the no-momentum ablation, as released): after a step the teacher is the student before it."""
     model = tiny_model()
-    _fit(model, random_views(batch=16), epochs=2, callbacks=[keras_carp.TeacherEMA(0.0, 0.0)])
-    for s, t in model.ema_pairs:
-        np.testing.assert_allclose(to_numpy(t), to_numpy(s), rtol=1e-6, atol=1e-7)
+    _fit(model, random_views(batch=16), epochs=1, callbacks=[keras_carp.TeacherEMA(0.0, 0.0)])
+    before = _values([s for s, _ in model.ema_pairs])
+    model.fit(x=random_views(batch=8, seed=1), batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[keras_carp.TeacherEMA(0.0, 0.0)])  # fmt: skip
+    for (s, t), s0 in zip(model.ema_pairs, before):
+        np.testing.assert_allclose(to_numpy(t), s0, rtol=1e-6, atol=1e-7)
+    assert sum(not np.allclose(to_numpy(s), s0) for (s, _), s0 in zip(model.ema_pairs, before)) > len(before) // 2
 
 
 def test_teacher_momentum_follows_the_cosine_over_the_whole_run():
@@ -157,3 +165,39 @@ def test_mixed_precision_keeps_probabilities_and_loss_in_float32():
         assert np.isfinite(history.history["loss"][-1])
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def test_two_accumulated_half_batches_equal_one_batch_of_both_halves():
+    """Gradient accumulation (N = 2) against one batch, where the method allows them to be equal.
+
+    Equal: the full batch is a half-batch A twice, [A, A], under the fixed partition. Batch-norm batch
+    statistics over [A, A] are those over A (same mean, same biased variance), and so is the entropy's batch
+    mean, so the full batch's gradient is the mean of the two halves': the student, the teacher (updated once,
+    on the group's last batch) and the LARS state end equal. Not equal: the BN moving statistics, updated once
+    per batch (twice with accumulation); and, with random partitions, each accumulated batch draws its own
+    partition (tests/test_released_step.py checks that case against the released step).
+    """
+    half = random_views(batch=8, num_local=2, seed=3)
+    doubled = tuple(np.concatenate([view, view]) for view in half)
+    models = []
+    for accumulation, batch in ((None, 16), (2, 8)):
+        keras.utils.set_random_seed(0)
+        model = tiny_model(partition="fixed")
+        rng = np.random.default_rng(1)
+        for student, _ in model.ema_pairs:  # a student away from the teacher, so that the teacher's update shows
+            student.assign(to_numpy(student) + rng.normal(0, 0.05, student.shape).astype("float32"))
+        model.compile(optimizer=keras_carp.LARS(0.5, weight_decay=1e-4, gradient_accumulation_steps=accumulation))
+        model.fit(x=doubled, batch_size=batch, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[keras_carp.TeacherEMA(0.9, 0.9)])  # fmt: skip
+        models.append(model)
+    full, accumulated = models
+    assert int(to_numpy(accumulated.optimizer.iterations)) == int(to_numpy(full.optimizer.iterations)) == 1
+    pairs = list(zip(full.ema_pairs, accumulated.ema_pairs))
+    for (student_a, teacher_a), (student_b, teacher_b) in pairs:
+        np.testing.assert_allclose(to_numpy(student_b), to_numpy(student_a), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(teacher_b), to_numpy(teacher_a), rtol=1e-5, atol=1e-7)
+    for momentum_a, momentum_b in zip(full.optimizer.momentums, accumulated.optimizer.momentums):
+        np.testing.assert_allclose(to_numpy(momentum_b), to_numpy(momentum_a), rtol=1e-4, atol=1e-8)
+    moving_a = [to_numpy(v) for v in full.student_encoder.non_trainable_weights]
+    moving_b = [to_numpy(v) for v in accumulated.student_encoder.non_trainable_weights]
+    assert not all(np.allclose(a, b) for a, b in zip(moving_a, moving_b))  # two BN updates against one

@@ -72,6 +72,13 @@ def parse_config(argv: list[str] | None = None) -> dict:
     data.add_argument("--decode", choices=("once", "crop"), default="once", help="JPEG decoding per image or crop")
     data.add_argument("--cache", type=_boolean, default=False, help="cache encoded images in memory")
     data.add_argument("--antialias", type=_boolean, default=True, help="PIL-like filter on downscaled crops")
+    training = parser.add_argument_group("training")
+    training.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                          help="sum the gradients of N batches into one optimizer step (the learning rate scales "
+                               "with batch x N; every batch draws its own partition)")  # fmt: skip
+    training.add_argument("--encoder-init", choices=("torchvision", "keras"), default="torchvision",
+                          help="torchvision: as the released code (Kaiming fan_out, zero last BN gamma per block); "
+                               "keras: KerasHub's initialisers")  # fmt: skip
     devices = parser.add_argument_group("devices (see keras_carp.distribute)")
     devices.add_argument("--strategy", choices=("auto", "mirrored", "multiworker", "tpu", "none"), default="auto",
                          help="auto: a TPU if one answers, else all GPUs (TF) or devices (JAX), else one")  # fmt: skip
@@ -199,6 +206,7 @@ def run(config: dict) -> dict:
     )
     from keras_carp.distribute import check_global_batch, setup_distribution
     from keras_carp.evaluation import CollapseMonitor, KNNMonitor, knn_accuracy
+    from keras_carp.optimizers import batch_counter
 
     out = prepare_output_dir(config["output_dir"], config["preset"])
     checkpoint_dir = _join(out, "checkpoints")
@@ -210,6 +218,9 @@ def run(config: dict) -> dict:
             raise SystemExit(f"carp-pretrain: --{key.replace('_', '-')} must be >= 0, got {config[key]}.")
     if config["keep_checkpoints"] < 1:
         raise SystemExit(f"carp-pretrain: --keep-checkpoints must be >= 1, got {config['keep_checkpoints']}.")
+    accumulation = config["gradient_accumulation_steps"]
+    if accumulation < 1:
+        raise SystemExit(f"carp-pretrain: --gradient-accumulation-steps must be >= 1, got {accumulation}.")
     keras.utils.set_random_seed(config["seed"])
     augmentation = MultiCropAugmentation(
         global_size=config["global_size"],
@@ -231,7 +242,8 @@ def run(config: dict) -> dict:
         check_global_batch(config["batch_size"], distribution.replicas)
     except ValueError as error:
         raise SystemExit(f"carp-pretrain: {error}") from None
-    print(f"carp-pretrain: {distribution.description}, global batch {config['batch_size']}")
+    accumulated = f" x {accumulation} accumulated per optimizer step" if accumulation > 1 else ""
+    print(f"carp-pretrain: {distribution.description}, global batch {config['batch_size']}{accumulated}")
     if distribution.dtype_policy:
         keras.config.set_dtype_policy(distribution.dtype_policy)
 
@@ -268,6 +280,10 @@ def run(config: dict) -> dict:
     logging.getLogger("keras_carp").info("pretraining on %r", train_source)
     epoch_steps = steps_per_epoch(train_source.num_examples, config["batch_size"])
     total_steps = epoch_steps * config["epochs"]
+    if total_steps % accumulation:  # groups run across epoch boundaries; a last incomplete one is never applied
+        logging.getLogger("keras_carp").warning(
+            "%d batches is not a multiple of --gradient-accumulation-steps %d: the last %d batches' gradients "
+            "are not applied.", total_steps, accumulation, total_steps % accumulation)  # fmt: skip
     if resume is not None and resume.steps_per_epoch != epoch_steps:
         raise SystemExit(f"carp-pretrain: {resume.path} was written with {resume.steps_per_epoch} steps per epoch, "
                          f"this dataset gives {epoch_steps}; the data changed. Choose a new --output-dir.")  # fmt: skip
@@ -279,20 +295,23 @@ def run(config: dict) -> dict:
                 bottleneck_dim=config["bottleneck_dim"],
             )
             model = keras_carp.CARP(
-                keras_carp.build_encoder(config["backbone"]),
+                keras_carp.build_encoder(config["backbone"], init=config["encoder_init"]),
                 head,
                 block_size=config["block_size"],
                 partition=config["partition"],
                 seed=config["seed"],
             )
+            # Schedules run per batch, as released; the rate scales with the batch of one optimizer step.
             schedule = keras_carp.WarmupCosineDecay(
                 base_learning_rate=config["base_learning_rate"],
-                global_batch_size=config["batch_size"],
+                global_batch_size=config["batch_size"] * accumulation,
                 total_steps=total_steps,
                 warmup_steps=config["warmup_epochs"] * epoch_steps,
                 min_learning_rate=config["min_learning_rate"],
             )
-            optimizer = keras_carp.LARS(schedule, weight_decay=config["weight_decay"])
+            optimizer = keras_carp.LARS(
+                schedule, weight_decay=config["weight_decay"], gradient_accumulation_steps=accumulation
+            )
             teacher_ema = keras_carp.TeacherEMA(
                 config["base_teacher_momentum"], config["final_teacher_momentum"], total_steps=total_steps
             )
@@ -329,7 +348,7 @@ def run(config: dict) -> dict:
         with distribution.scope():
             model.optimizer.build(model.trainable_variables)
             model.load_weights(resume.path)
-        start_step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        start_step = int(keras.ops.convert_to_numpy(batch_counter(model.optimizer)))
         if start_step != resume.step:
             raise SystemExit(f"carp-pretrain: {resume.path} holds step {start_step}, its record says {resume.step}.")
         print(f"carp-pretrain: resuming from {resume.path} (step {start_step} of {total_steps}, "
@@ -386,6 +405,7 @@ def run(config: dict) -> dict:
         "train_images": train_source.num_examples,
         "skipped_images": train_source.skipped.count,
         "steps": total_steps,
+        "gradient_accumulation_steps": accumulation,
         "resumed_from_step": start_step if resume is not None else None,
         "train_seconds": round(train_seconds, 1),
         "final_loss": float(losses[-1]) if losses else None,

@@ -1,8 +1,9 @@
 """JAX train step: a pure function of (trainable, non-trainable, optimizer, metric) state.
 
 The forward runs under ``keras.StatelessScope`` so that batch-norm statistics
-(student and teacher) come back as new state; the teacher EMA is applied to the
-teacher's entries of the non-trainable state, so ``fit`` carries it forward.
+(student and teacher) come back as new state; the teacher EMA (from the
+pre-step student weights) is applied to the teacher's entries of the
+non-trainable state, so ``fit`` carries it forward; then the optimizer step.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import jax
 import keras
 from keras import ops
+
+from keras_carp.optimizers import batch_counter
 
 
 def _index_of(variables) -> dict:
@@ -28,7 +31,7 @@ def state_mapping(model, trainable, non_trainable, optimizer_state) -> list:
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_state, metric_state = state
     optimizer = model.optimizer
-    step = ops.cast(optimizer_state[_index_of(optimizer.variables)[id(optimizer.iterations)]], "int32")
+    step = ops.cast(optimizer_state[_index_of(optimizer.variables)[id(batch_counter(optimizer))]], "int32")
 
     def scaled_loss(trainable, non_trainable):
         with keras.StatelessScope(
@@ -40,15 +43,17 @@ def train_step(model, state, data):
 
     grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
     (_, (logs, non_trainable)), gradients = grad_fn(trainable, non_trainable)
-    trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, gradients, trainable)
 
+    # The teacher moves first, with the pre-step student weights (as released).
     momentum = model.teacher_momentum(step)
+    applied = model.applied_teacher_momentum(step, momentum)
     trainable_index = _index_of(model.trainable_variables)
     non_trainable_index = _index_of(model.non_trainable_variables)
     non_trainable = list(non_trainable)
     for student, teacher in model.ema_pairs:
         t, s = non_trainable_index[id(teacher)], trainable_index[id(student)]
-        non_trainable[t] = momentum * non_trainable[t] + (1.0 - momentum) * trainable[s]
+        non_trainable[t] = applied * non_trainable[t] + (1.0 - applied) * trainable[s]
+    trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, gradients, trainable)
 
     results, new_metric_state, offset = {}, [], 0
     for tracker in model.trackers:

@@ -1,4 +1,4 @@
-"""TensorFlow train step: GradientTape, optimizer.apply, teacher EMA by assign (inside tf.function/XLA).
+"""TensorFlow train step: GradientTape, teacher EMA by assign, then optimizer.apply (inside tf.function/XLA).
 
 Under a ``tf.distribute`` strategy with N replicas (each on B/N images) the
 step computes what one device computes on the global batch B:
@@ -9,7 +9,7 @@ step computes what one device computes on the global batch B:
 - each replica's loss is divided by N, and the optimizer sums the gradients
   across replicas (Keras' convention), so the update is the global-batch one;
 - the teacher EMA runs once per variable in cross-replica context, from the
-  (mirrored, identical) student weights.
+  (mirrored, identical) pre-step student weights, before the optimizer step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_carp.backends import stateful_logs
+from keras_carp.optimizers import batch_counter
 
 
 def _replica_context():
@@ -37,7 +38,7 @@ def _ema_update(strategy, pairs, momentum):
 
 
 def train_step(model, data):
-    step = ops.cast(model.optimizer.iterations, "int32")
+    step = ops.cast(batch_counter(model.optimizer), "int32")
     replica = _replica_context()
     global_sum = None
     if replica is not None:
@@ -48,11 +49,14 @@ def train_step(model, data):
         scaled_loss = model.optimizer.scale_loss(loss)
     trainable = model.trainable_variables
     gradients = tape.gradient(scaled_loss, trainable)
-    model.optimizer.apply(gradients, trainable)
+    # The teacher moves first, with the pre-step student weights (as released); automatic control
+    # dependencies keep these reads of the student before the optimizer's writes.
     momentum = model.teacher_momentum(step)
+    applied = model.applied_teacher_momentum(step, momentum)
     if replica is None:
         for student, teacher in model.ema_pairs:
-            teacher.assign(momentum * teacher + (1.0 - momentum) * student)
+            teacher.assign(applied * teacher + (1.0 - applied) * student)
     else:
-        replica.merge_call(_ema_update, args=(model.ema_pairs, momentum))
+        replica.merge_call(_ema_update, args=(model.ema_pairs, applied))
+    model.optimizer.apply(gradients, trainable)
     return stateful_logs(model, logs, step, momentum)

@@ -1,4 +1,4 @@
-"""PyTorch train step: backward(), optimizer.apply, teacher EMA as two fused foreach ops."""
+"""PyTorch train step: backward(), the teacher EMA as two fused foreach ops, then optimizer.apply."""
 
 from __future__ import annotations
 
@@ -6,22 +6,25 @@ import torch
 from keras import ops
 
 from keras_carp.backends import stateful_logs
+from keras_carp.optimizers import batch_counter
 
 
 def train_step(model, data):
     # A copy: the optimizer increments its counter in place during apply().
-    step = ops.cast(model.optimizer.iterations.value.clone(), "int32")
+    step = ops.cast(batch_counter(model.optimizer).value.clone(), "int32")
     model.zero_grad()
     logs = model.compute_carp_losses(data, step, training=True)
     model.optimizer.scale_loss(logs["loss"]).backward()
     trainable = model.trainable_variables
     gradients = [variable.value.grad for variable in trainable]
     with torch.no_grad():
-        model.optimizer.apply(gradients, trainable)
+        # The teacher moves first, with the pre-step student weights (as released).
         momentum = model.teacher_momentum(step)
+        applied = model.applied_teacher_momentum(step, momentum)
         if model.ema_pairs:
             teacher = [t.value for _, t in model.ema_pairs]
             student = [s.value for s, _ in model.ema_pairs]
-            torch._foreach_mul_(teacher, momentum)
-            torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - momentum))
+            torch._foreach_mul_(teacher, applied)
+            torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - applied))
+        model.optimizer.apply(gradients, trainable)
     return stateful_logs(model, logs, step, momentum)
