@@ -251,12 +251,10 @@ class CARP(keras.Model):
         return backends.train_step(self, *args)
 
     def compile(self, optimizer="adam", jit_compile="auto", **kwargs):
-        """``keras.Model.compile``; "auto": XLA on JAX, and on TensorFlow unless a strategy has several replicas."""
+        """``keras.Model.compile``; "auto": XLA on JAX, and on TensorFlow on one GPU or TPU (``xla_by_default``)."""
         requested_jit_compile = jit_compile
         if jit_compile == "auto":
-            # Under a multi-replica tf.distribute strategy the step runs per replica in tf.function (XLA cannot
-            # reach the other devices' variables); TPUStrategy compiles it with XLA whatever this says.
-            jit_compile = keras.backend.backend() in ("tensorflow", "jax") and backends.num_replicas() == 1
+            jit_compile = backends.xla_by_default()
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         self._requested_jit_compile = requested_jit_compile
 

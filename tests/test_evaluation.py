@@ -147,3 +147,14 @@ def test_prototype_groups_rank_by_use_and_score():
         members = np.flatnonzero(assignments == group["prototype"])
         best = members[np.argsort(-scores[members])][:4]
         assert group["indices"] == best.tolist()
+
+
+def test_features_of_an_array_are_the_encoders_outputs_in_batches():
+    import keras
+
+    from keras_carp.evaluation import extract_features
+
+    encoder = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    images = np.random.default_rng(0).normal(size=(7, 4)).astype("float32")
+    features = extract_features(encoder, images, batch_size=3)
+    np.testing.assert_allclose(features, keras.ops.convert_to_numpy(encoder(images)), rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ def extract_labelled_features(
 
     ``batches`` is any iterable of image batches or ``(images, labels)`` batches
     (``keras_carp.data.eval_dataset`` makes them with resize / centre crop). The
-    encoder runs through ``predict_on_batch`` (compiled, XLA on TF and JAX).
+    encoder runs through ``predict_on_batch`` (compiled: tf.function on TensorFlow, XLA on JAX).
     With ``cache_path`` the result is saved as ``.npz`` and read back next time.
     """
     if cache_path is not None and Path(cache_path).is_file():
@@ -59,5 +59,6 @@ def extract_labelled_features(
 def extract_features(encoder: keras.Model, images, batch_size: int = 256, preprocess=None) -> np.ndarray:
     """Features [N, D] of in-memory images [N, H, W, 3] (or of an iterable of batches), optionally preprocessed."""
     if isinstance(images, np.ndarray):
-        images = (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+        array = images
+        images = (array[start : start + batch_size] for start in range(0, len(array), batch_size))
     return extract_labelled_features(encoder, images, preprocess)[0]
