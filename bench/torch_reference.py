@@ -3,9 +3,10 @@
 Written by this project from ``CARP_SPEC.md`` (not the authors' code): a
 torchvision-layout ResNet in channels_last (torchvision's own when it imports),
 the CARP head (MLP 2048-2048-256 with BN and GELU, unit-norm prototypes),
-a fresh random partition per step, the consistency + entropy loss with float32
-probabilities, LARS (momentum 0.9, eta 0.001, no decay or trust ratio on 1-D
-weights) and the teacher EMA after the step; autocast in bfloat16, or float16
+a fresh random partition per step, the encoder once per resolution and the
+head once on all crops, the consistency + entropy loss with float32
+probabilities, the teacher EMA from the pre-step student, then LARS (momentum
+0.9, eta 0.001, no decay or trust ratio on 1-D weights); autocast in bfloat16, or float16
 with a GradScaler; optionally ``torch.compile`` of the forward and loss.
 The optimizer and EMA use PyTorch's multi-tensor (``_foreach``) kernels: a
 strong peer, faster than a per-parameter loop.
@@ -196,7 +197,7 @@ class LARS(torch.optim.Optimizer):
 
 
 class CARPStep:
-    """One training step: student on all crops (one pass per resolution), teacher on the 2 global crops."""
+    """One training step: student on all crops (encoder per resolution, head once), teacher on the 2 global crops."""
 
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -222,26 +223,27 @@ class CARPStep:
         self.forward = torch.compile(self._forward_loss) if args.compile else self._forward_loss
 
     def _forward_loss(self, global_crops, local_crops, permutation):
-        student_logits = [self.student["head"](self.student["encoder"](global_crops))]
+        # The encoder once per resolution, the head once on every crop's features (released MultiCropWrapper).
+        features = [self.student["encoder"](global_crops)]
         if local_crops is not None:
-            student_logits.append(self.student["head"](self.student["encoder"](local_crops)))
+            features.append(self.student["encoder"](local_crops))
+        student_logits = self.student["head"](torch.cat(features))
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["encoder"](global_crops)).chunk(2)
-        batch = self.args.batch
-        student = [chunk for logits in student_logits for chunk in logits.split(batch)]
+        student = list(student_logits.split(self.args.batch))
         return carp_loss(student, list(teacher_logits), permutation, self.args.block_size)
 
     def __call__(self, global_crops, local_crops, momentum: float = 0.99):
         permutation = torch.randperm(self.args.k, device=self.device, generator=self.generator)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             loss = self.forward(global_crops, local_crops, permutation)
+        with torch.no_grad():  # the teacher first, from the pre-step student (as released)
+            torch._foreach_mul_(self.teacher_params, momentum)
+            torch._foreach_add_(self.teacher_params, self.student_params, alpha=1 - momentum)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        with torch.no_grad():
-            torch._foreach_mul_(self.teacher_params, momentum)
-            torch._foreach_add_(self.teacher_params, self.student_params, alpha=1 - momentum)
         return loss
 
 

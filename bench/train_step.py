@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as keras_carp sets it, before the workers import TensorFlow
 SUITES = {
     # name: (shared settings, grid of (global_size, local_size, local_crops) x batches x precisions)
     "smoke": (dict(backbone="resnet_tiny", k=64, block_size=16, hidden=32, bottleneck=16, steps=3, warmup=1),

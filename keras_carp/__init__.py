@@ -1,5 +1,12 @@
 """keras-carp: CARP self-supervised learning (Consistent Assignment of views over Random Partitions) for Keras 3."""
 
+import os as _os
+
+# TensorFlow enables its oneDNN CPU kernels by default only on CPUs with AVX-512-class features; on AVX2-only
+# CPUs (many cloud AMD machines) its fallback kernels ran the CARP step 7.5x slower (bench/cpu_settings.py).
+# Applies when keras_carp is imported before TensorFlow; an explicit TF_ENABLE_ONEDNN_OPTS=0 wins.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 from keras_carp import backbones, callbacks, checkpoints, losses, optimizers, schedules
 from keras_carp.backbones import build_encoder
 from keras_carp.callbacks import RunCSVLogger, StepTensorBoard, TeacherEMA

@@ -45,6 +45,46 @@ RESNET_CONFIGS = {
 }
 
 
+# Small-image ResNets (the "CIFAR" variant SSL libraries train on 32 px data): a 3x3 stride-1 stem and no
+# max-pool, so a 28-32 px image keeps its resolution into the first stage. KerasHub's ResNetBackbone always
+# downsamples 4x in its stem, so these are built here from Keras layers, basic blocks as torchvision's, with
+# KerasHub's layer names (the torchvision initialisation finds the same blocks).
+SMALL_IMAGE_RESNETS = {
+    "resnet18_small_images": dict(filters=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
+    "resnet10_small_images": dict(filters=(32, 64, 128, 256), blocks=(1, 1, 1, 1)),
+    "resnet10_small_images_wide": dict(filters=(64, 128, 256, 512), blocks=(1, 1, 1, 1)),
+}
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool = True):
+    """Conv (torchvision padding: k // 2 on every side) -> BN (eps 1e-5, momentum 0.9) [-> ReLU]."""
+    if stride > 1 and kernel > 1:
+        x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+    padding = "valid" if stride > 1 or kernel == 1 else "same"
+    x = keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def small_image_resnet(filters, blocks, name: str = "small_image_resnet") -> keras.Model:
+    """A basic-block ResNet with a 3x3 stride-1 stem and no max-pool: [N, H, W, 3] -> [N, H/8, W/8, C]."""
+    inputs = keras.Input((None, None, 3), name="images")
+    x = _conv_bn(inputs, filters[0], 3, 1, "conv1")
+    channels = filters[0]
+    for stack, (width, count) in enumerate(zip(filters, blocks)):
+        for block in range(count):
+            stride = 2 if stack > 0 and block == 0 else 1
+            prefix = f"stack{stack}_block{block}"
+            shortcut = x
+            if stride > 1 or channels != width:
+                shortcut = _conv_bn(x, width, 1, stride, f"{prefix}_0", relu=False)
+            y = _conv_bn(x, width, 3, stride, f"{prefix}_1")
+            y = _conv_bn(y, width, 3, 1, f"{prefix}_2", relu=False)
+            x = keras.layers.ReLU(name=f"{prefix}_out")(keras.layers.Add(name=f"{prefix}_add")([shortcut, y]))
+            channels = width
+    return keras.Model(inputs, x, name=name)
+
+
 INITIALIZATIONS = ("torchvision", "keras")
 # KerasHub names a ResNet block's layers stack<s>_block<b>_<i>_{conv,bn}: i = 0 is the projection shortcut,
 # i = 1, 2 (, 3) the residual branch in order.
@@ -89,11 +129,15 @@ def build_encoder(
     if init not in INITIALIZATIONS:
         raise ValueError(f"init must be one of {INITIALIZATIONS}, got {init!r}.")
     if isinstance(backbone, str):
-        if backbone not in RESNET_CONFIGS:
+        if backbone in SMALL_IMAGE_RESNETS:
+            backbone = small_image_resnet(**SMALL_IMAGE_RESNETS[backbone], name=backbone)
+        elif backbone in RESNET_CONFIGS:
+            backbone = keras_hub.models.ResNetBackbone(**RESNET_CONFIGS[backbone], image_shape=(None, None, 3))
+        else:
             raise ValueError(
-                f"Unknown backbone {backbone!r}; choose one of {sorted(RESNET_CONFIGS)} or pass a Keras model."
+                f"Unknown backbone {backbone!r}; choose one of {sorted(RESNET_CONFIGS) + sorted(SMALL_IMAGE_RESNETS)} "
+                "or pass a Keras model."
             )
-        backbone = keras_hub.models.ResNetBackbone(**RESNET_CONFIGS[backbone], image_shape=(None, None, 3))
         if init == "torchvision":
             torchvision_initialization(backbone)
     inputs = keras.Input(shape=(None, None, 3), name="images")

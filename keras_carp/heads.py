@@ -77,7 +77,7 @@ class CARPHead(layers.Layer):
         self.prototypes = self.add_weight(
             name="prototypes",
             shape=(self.num_prototypes, self.bottleneck_dim),
-            initializer=keras.initializers.RandomUniform(-self.bottleneck_dim**-0.5, self.bottleneck_dim**-0.5),
+            initializer=keras.initializers.RandomUniform(-(self.bottleneck_dim**-0.5), self.bottleneck_dim**-0.5),
         )
 
     def embed(self, features, training=None):

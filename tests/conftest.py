@@ -2,6 +2,7 @@ import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as keras_carp sets it: oneDNN kernels on every x86 CPU
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

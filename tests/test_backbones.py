@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import keras_carp
-from tests.conftest import to_numpy
+from tests.conftest import require_optional, to_numpy
 
 pytestmark = pytest.mark.core
 
@@ -12,7 +12,7 @@ def _layers(encoder, kind):
     return [layer for layer in encoder._flatten_layers() if isinstance(layer, kind)]
 
 
-@pytest.mark.parametrize("backbone,blocks", [("resnet18", 8), ("resnet50", 16)])
+@pytest.mark.parametrize("backbone,blocks", [("resnet18", 8), ("resnet50", 16), ("resnet10_small_images", 4)])
 def test_resnets_start_as_torchvision_with_zero_init_residual(backbone, blocks):
     """The last BN of every residual branch starts at gamma = 0; kernels ~ N(0, 2 / fan_out), fan_out = k*k*out."""
     encoder = keras_carp.build_encoder(backbone)
@@ -50,3 +50,45 @@ def test_head_kernels_start_normal_with_std_0_02_and_prototypes_uniform():
     assert abs(kernel.std() - 0.02) < 0.0005 and np.abs(kernel).max() > 2 * 0.02  # untruncated at 2 std
     prototypes = to_numpy(head.prototypes)
     assert np.abs(prototypes).max() <= 256**-0.5 and abs(prototypes.std() - 256**-0.5 / np.sqrt(3)) < 0.001
+
+
+def test_small_image_resnet_matches_a_torch_basic_block_resnet_with_a_stride_1_stem():
+    """resnet10_small_images against the same network written in PyTorch (torchvision's BasicBlock, 3x3 stem)."""
+    torch = require_optional("torch")
+    from torch import nn
+
+    encoder = keras_carp.build_encoder("resnet10_small_images")
+    backbone = encoder.get_layer(index=1)
+    rng = np.random.default_rng(0)
+    for bn in _layers(encoder, keras.layers.BatchNormalization):  # eval-mode statistics away from 0 / 1
+        for variable in (bn.gamma, bn.beta, bn.moving_mean):
+            variable.assign(rng.uniform(-0.5, 0.5, variable.shape).astype("float32") + (variable is bn.gamma))
+        bn.moving_variance.assign(rng.uniform(0.5, 1.5, bn.moving_variance.shape).astype("float32"))
+
+    def conv_bn(name, stride, padding):
+        conv, bn = backbone.get_layer(f"{name}_conv"), backbone.get_layer(f"{name}_bn")
+        kernel = to_numpy(conv.kernel)
+        layer = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[0], stride, padding, bias=False)
+        norm = nn.BatchNorm2d(kernel.shape[3], eps=1e-5)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+            for target, source in ((norm.weight, bn.gamma), (norm.bias, bn.beta), (norm.running_mean, bn.moving_mean),
+                                   (norm.running_var, bn.moving_variance)):  # fmt: skip
+                target.copy_(torch.from_numpy(to_numpy(source)))
+        return nn.Sequential(layer, norm).eval()
+
+    def forward(x):
+        x = torch.relu(conv_bn("conv1", 1, 1)(x))
+        for stack in range(4):
+            stride = 1 if stack == 0 else 2
+            prefix = f"stack{stack}_block0"
+            shortcut = x if stack == 0 else conv_bn(f"{prefix}_0", stride, 0)(x)
+            y = torch.relu(conv_bn(f"{prefix}_1", stride, 1)(x))
+            x = torch.relu(shortcut + conv_bn(f"{prefix}_2", 1, 1)(y))
+        return x.mean(dim=(2, 3))
+
+    images = rng.normal(size=(2, 28, 28, 3)).astype("float32")
+    with torch.no_grad():
+        expected = forward(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    assert backbone(images).shape == (2, 4, 4, 256)  # 28 px -> 28, 14, 7, 4: no 4x stem
+    np.testing.assert_allclose(to_numpy(encoder(images)), expected, rtol=1e-4, atol=1e-5)

@@ -230,7 +230,11 @@ def run(config: dict) -> dict:
         local_scale=tuple(config["local_scale"]),
         blur_sigma=tuple(config["blur_sigma"]),
         antialias=config["antialias"],
-    )
+        # Presets may set these too (the recipe's values otherwise); a preset's keys become flags.
+        **{key: tuple(config[key]) if isinstance(config[key], list) else config[key]
+           for key in ("blur_probability", "solarize_probability", "jitter_probability", "grayscale_probability")
+           if key in config},
+    )  # fmt: skip
 
     # Every data problem (unknown name, missing files, small images, empty folder) surfaces here, before training.
     def source(split: str):
@@ -420,6 +424,7 @@ def run(config: dict) -> dict:
             knn_top5_random_init=random_init["top5"],
             knn_k=config["knn_k"],
             eval_split=config["eval_split"],
+            num_classes=num_classes,
         )
     atomic_write_text(_join(out, "summary.json"), json.dumps(summary, indent=2))
     return summary
