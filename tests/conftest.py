@@ -13,7 +13,9 @@ import keras_carp  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: backend-agnostic core tests, run under tensorflow, jax and torch")
-    config.addinivalue_line("markers", "slow: slower tests (still in the default run)")
+    config.addinivalue_line(
+        "markers", "slow: the slow tier (CLI end to end, kill -9, notebooks, bench smoke, distributed): `pytest -m slow`"
+    )
 
 
 @pytest.fixture(autouse=True)
