@@ -1,15 +1,17 @@
 """How the CARP step's cost grows with K, N_B, the number of local crops and the batch, and the loss's share of it.
 
 For each configuration: the median time of the whole compiled train step
-(as bench/train_step.py measures it, on device-resident synthetic batches) and
+(as bench.train_step measures it, on device-resident synthetic batches) and
 of the partition + loss alone: the step's permutation, the float32 block
 softmax and the consistency + entropy loss, forward
 and backward (w.r.t. the student logits), compiled the same way (XLA on JAX and
 TensorFlow; eager autograd on PyTorch, as Keras' PyTorch backend runs the step).
 The share is their ratio. Runs on the active Keras backend.
 
-    KERAS_BACKEND=jax python bench/cost_growth.py --suite gpu
-    KERAS_BACKEND=torch python bench/cost_growth.py --suite cpu   # the fastest Keras backend on a CPU
+    KERAS_BACKEND=jax python -m bench.cost_growth --suite gpu
+    KERAS_BACKEND=torch python -m bench.cost_growth --suite cpu   # the fastest Keras backend on a CPU
+
+Each point is recorded in bench/results/cost_growth.jsonl (bench.results).
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from train_step import run_keras  # noqa: E402
+
+from bench.results import Recorder, add_record_arguments  # noqa: E402
+from bench.train_step import run_keras  # noqa: E402
 
 BASES = {
     "cpu": dict(backbone="resnet18", global_size=64, local_size=32, local_crops=4, k=4096, block_size=512, batch=32,
@@ -96,7 +97,7 @@ def loss_only_seconds(config: dict) -> float:
                 torch.cuda.synchronize()
             return value, permutation, gradient
     else:
-        raise SystemExit(f"bench/cost_growth.py does not run on the {backend} backend.")
+        raise SystemExit(f"bench.cost_growth does not run on the {backend} backend.")
     run(np.int32(0))
     times = []
     for step in range(1, config["steps"] + 1):
@@ -106,14 +107,23 @@ def loss_only_seconds(config: dict) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def point(config: dict, variable: str, args: argparse.Namespace) -> dict:
+    """A sweep point's record configuration: the swept variable's name, then the whole configuration."""
+    return {"suite": args.suite, "loss_only": args.loss_only, "variable": variable, **config}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Sweep each variable of the suite alone around its base configuration; print and record every point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(BASES), default="cpu")
     parser.add_argument("--only", default=None, help="sweep just this variable (k, block_size, local_crops, batch)")
     parser.add_argument("--loss-only", action="store_true",
                         help="time the partition + loss alone (seconds per point instead of a full compile of the "
-                             "step); compare with bench/train_step.py's step time for the share")  # fmt: skip
-    args = parser.parse_args()
+                             "step); compare with bench.train_step's step time for the share")  # fmt: skip
+    add_record_arguments(parser)
+    args = parser.parse_args(argv)
+    recorder = Recorder.from_args("cost_growth", args)
+    backend = keras.backend.backend()
     base = BASES[args.suite]
     print(f"backend {keras.backend.backend()}, base configuration: {base}")
     print(f"{'variable':<12} {'value':>7} {'step ms':>9} {'images/s':>9} {'partition+loss ms':>18} {'share %':>8}")
@@ -127,10 +137,14 @@ def main() -> None:
             loss_ms = 1e3 * loss_only_seconds(config)
             if args.loss_only:
                 print(f"{variable:<12} {value:>7} {'-':>9} {'-':>9} {loss_ms:>18.2f} {'-':>8}", flush=True)
+                recorder.record(point(config, variable, args), {"partition_loss_ms": loss_ms}, backend=backend)
                 continue
             step = run_keras(argparse.Namespace(**config))
             print(f"{variable:<12} {value:>7} {step['median_ms']:>9.1f} {step['images_per_s']:>9.1f} {loss_ms:>18.2f} "
                   f"{100 * loss_ms / step['median_ms']:>8.1f}", flush=True)  # fmt: skip
+            figures = {"step_ms": step["median_ms"], "images_per_s": step["images_per_s"],
+                       "partition_loss_ms": loss_ms, "share_percent": 100 * loss_ms / step["median_ms"]}  # fmt: skip
+            recorder.record(point(config, variable, args), figures, backend=backend)
             keras.backend.clear_session()
 
 

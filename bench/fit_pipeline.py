@@ -1,20 +1,22 @@
 """images/s of ``CARP.fit`` fed by the tf.data multi-crop pipeline, beside the pipeline alone and the step alone.
 
-The pipeline reads synthetic JPEGs at ImageNet-like sizes (as bench/input_pipeline.py
+The pipeline reads synthetic JPEGs at ImageNet-like sizes (as bench.input_pipeline
 makes them) from a folder, decodes each once, cuts 2 global + N local crops
 with the full augmentation recipe, and feeds ``fit`` on the active Keras
 backend. Three figures for one configuration:
 
 - fit: images/s over ``--steps`` batches after ``--warmup`` (timed by a callback);
 - pipeline alone: images/s of iterating the same dataset, and per CPU core;
-- step alone: bench/train_step.py's compiled step on device-resident batches.
+- step alone: bench.train_step's compiled step on device-resident batches.
 
 ``fit`` runs at the lower of the last two at best. The cores needed to keep the
 step busy are the step's images/s over the pipeline's images/s per core.
 
-    KERAS_BACKEND=jax python bench/fit_pipeline.py                     # ResNet-18, 2x64 + 4x32, K 4096, batch 32
-    KERAS_BACKEND=jax python bench/fit_pipeline.py --backbone resnet50 --global-size 224 --local-size 96 \\
+    KERAS_BACKEND=jax python -m bench.fit_pipeline                     # ResNet-18, 2x64 + 4x32, K 4096, batch 32
+    KERAS_BACKEND=jax python -m bench.fit_pipeline --backbone resnet50 --global-size 224 --local-size 96 \\
         --local-crops 6 --k 65536 --batch 256 --precision bfloat16       # the ImageNet recipe on a GPU
+
+The figures are recorded in bench/results/fit_pipeline.jsonl (bench.results).
 """
 
 from __future__ import annotations
@@ -22,18 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
-from input_pipeline import cpu_name, make_jpegs, throughput  # noqa: E402
-from train_step import add_config_arguments, build_model, run_keras  # noqa: E402
 
+from bench.input_pipeline import make_jpegs, throughput  # noqa: E402
+from bench.results import Recorder, add_record_arguments, cpu_model  # noqa: E402
+from bench.train_step import CONFIG_ARGUMENTS, add_config_arguments, build_model, run_keras  # noqa: E402
 from keras_carp.data import FolderSource, MultiCropAugmentation, multicrop_dataset  # noqa: E402
 
 
@@ -48,7 +49,8 @@ class BatchClock(keras.callbacks.Callback):
         self.times.append(time.perf_counter())
 
 
-def fit_images_per_second(args, dataset) -> float:
+def fit_images_per_second(args: argparse.Namespace, dataset) -> float:
+    """images/s of ``fit`` on ``dataset`` over ``args.steps`` batches after ``args.warmup``, by a batch clock."""
     model = build_model(args)  # the same model and optimizer as the step-alone figure
     clock = BatchClock()
     # One epoch of the generated images is a few batches: repeat them for the whole measurement.
@@ -58,18 +60,20 @@ def fit_images_per_second(args, dataset) -> float:
     return args.steps * args.batch / (clock.times[-1] - clock.times[args.warmup - 1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Measure fit, the pipeline alone and the step alone for one configuration; print and record them."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(p, backbone="resnet18", global_size=64, local_size=32, local_crops=4, k=4096, block_size=512,
                          hidden=2048, bottleneck=256, batch=32, precision="float32", steps=20, warmup=3)  # fmt: skip
     p.add_argument("--num-images", type=int, default=300)
     p.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    args = p.parse_args()
+    add_record_arguments(p)
+    args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the first batch compiles the step)")
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cpu_name()}, {cores} CPU cores; Keras {keras.__version__} on {keras.backend.backend()}")
+    print(f"machine: {cpu_model()}, {cores} CPU cores; Keras {keras.__version__} on {keras.backend.backend()}")
     views = f"2x{args.global_size}" + (f"+{args.local_crops}x{args.local_size}" if args.local_crops else "")
     print(f"{args.backbone}, {views}, K {args.k}, N_B {args.block_size}, batch {args.batch}, {args.precision}")
 
@@ -90,9 +94,13 @@ def main() -> None:
     print(f"  step alone (device-resident)     {step:9.1f} images/s")
     print(f"  fit / min(pipeline, step)        {fit / min(pipeline, step):9.2f}")
     print(f"  cores to keep the step busy      {step / (pipeline / cores):9.1f}")
+    figures = {"fit_images_per_s": fit, "pipeline_images_per_s": pipeline, "step_images_per_s": step,
+               "cores": cores, "cores_to_keep_step_busy": step / (pipeline / cores)}  # fmt: skip
+    config = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in CONFIG_ARGUMENTS}
+    config["num_images"] = args.num_images
+    Recorder.from_args("fit_pipeline", args).record(config, figures, backend=keras.backend.backend())
     if args.json:
-        print(json.dumps({"fit_images_per_s": fit, "pipeline_images_per_s": pipeline, "step_images_per_s": step,
-                          "cores": cores, "cores_to_keep_step_busy": step / (pipeline / cores)}))  # fmt: skip
+        print(json.dumps(figures))
 
 
 if __name__ == "__main__":

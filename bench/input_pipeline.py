@@ -13,7 +13,9 @@
 Each setting runs ``--rounds`` times, interleaved with the others; the median is
 printed with the range.
 
-    python bench/input_pipeline.py [--num-images 300] [--batches 30] [--rounds 3] [--fashion-dir DIR]
+    python -m bench.input_pipeline [--num-images 300] [--batches 30] [--rounds 3] [--fashion-dir DIR]
+
+Each setting is recorded in bench/results/input_pipeline.jsonl (bench.results).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench.results import Recorder, add_record_arguments, cpu_model  # noqa: E402
 from keras_carp.data import FolderSource, MultiCropAugmentation, load_source, multicrop_dataset  # noqa: E402
 
 IMAGENET_LIKE_SIZES = ((500, 375), (375, 500), (500, 333), (400, 400))  # (width, height)
@@ -67,31 +69,27 @@ def throughput(dataset: tf.data.Dataset, batch_size: int, batches: int, warmup: 
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure(settings: dict, batch_sizes: dict, batches: int, rounds: int, cores: int) -> None:
-    """Interleaved rounds over the named datasets; prints median (min-max) images/s and per core."""
+def measure(settings: dict, batch_sizes: dict, batches: int, rounds: int, cores: int) -> dict:
+    """Interleaved rounds over the named datasets; prints median (min-max) images/s and per core, returns
+    {name: figures}."""
     rates = {name: [] for name in settings}
     for _ in range(rounds):
         for name, dataset in settings.items():
             rates[name].append(throughput(dataset, batch_sizes[name], batches))
+    figures = {}
     for name, values in rates.items():
         median = float(np.median(values))
         print(
             f"  {name:<34} {median:8.1f} images/s ({min(values):.0f}-{max(values):.0f})"
             f"  {median / cores:7.1f} images/s/core"
         )
+        figures[name] = {"images_per_s": median, "min_images_per_s": min(values), "max_images_per_s": max(values),
+                         "images_per_s_per_core": median / cores}  # fmt: skip
+    return figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Measure the ImageNet recipe on generated JPEGs, then the small-image recipe on Fashion-MNIST; record each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -99,9 +97,12 @@ def main() -> None:
     parser.add_argument("--jpeg-dir", default=None, help="reuse or keep the generated JPEGs here")
     parser.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    add_record_arguments(parser)
+    args = parser.parse_args(argv)
+    recorder = Recorder.from_args("input_pipeline", args)
+    shared = {"batches": args.batches, "rounds": args.rounds}
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cpu_name()}, {cores} CPU cores; TensorFlow {tf.__version__}")
+    print(f"machine: {cpu_model()}, {cores} CPU cores; TensorFlow {tf.__version__}")
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.jpeg_dir or scratch)
@@ -121,7 +122,11 @@ def main() -> None:
         }
         aliased = dataclasses.replace(recipe, antialias=False)
         settings["decode=once, no antialiasing"] = multicrop_dataset(source, aliased, args.batch_size, min_image_size=0)
-        measure(settings, dict.fromkeys(settings, args.batch_size), args.batches, args.rounds, cores)
+        figures = measure(settings, dict.fromkeys(settings, args.batch_size), args.batches, args.rounds, cores)
+        data = f"{args.num_images} generated JPEGs at ImageNet sizes"
+        for name, values in figures.items():
+            config = {"recipe": "2x224+6x96", "data": data, "setting": name, "batch_size": args.batch_size, **shared}
+            recorder.record(config, values, backend="tensorflow")
 
     try:
         fashion = load_source("fashion_mnist", "train", args.fashion_dir, image_size=32)
@@ -134,7 +139,10 @@ def main() -> None:
         f"deterministic={deterministic}": multicrop_dataset(fashion, recipe, 256, deterministic=deterministic)
         for deterministic in (True, False)
     }
-    measure(settings, dict.fromkeys(settings, 256), args.batches, args.rounds, cores)
+    figures = measure(settings, dict.fromkeys(settings, 256), args.batches, args.rounds, cores)
+    for name, values in figures.items():
+        config = {"recipe": "2x32", "data": "Fashion-MNIST train", "setting": name, "batch_size": 256, **shared}
+        recorder.record(config, values, backend="tensorflow")
 
 
 if __name__ == "__main__":

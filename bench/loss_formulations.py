@@ -12,7 +12,9 @@ Both get the same already-permuted logits (the head permutes its prototypes,
 not the logits) and differentiate w.r.t. the student logits, compiled (XLA).
 Prints the median over ``--steps`` calls and the largest gradient difference.
 
-    KERAS_BACKEND=jax python bench/loss_formulations.py --batch 256 --crops 8 --k 65536 --dtype bfloat16
+    KERAS_BACKEND=jax python -m bench.loss_formulations --batch 256 --crops 8 --k 65536 --dtype bfloat16
+
+Each formulation is recorded in bench/results/loss_formulations.jsonl (bench.results).
 """
 
 from __future__ import annotations
@@ -20,21 +22,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from bench.results import Recorder, add_record_arguments  # noqa: E402
 from keras_carp.losses import EPS, block_softmax, carp_loss_from_probs  # noqa: E402
 
 
 def formulations(crops: int, block_size: int) -> dict:
+    """{name: loss(student_logits, teacher_logits)} of the two formulations."""
+
     def per_crop(student, teacher):
         probs = [block_softmax(x, block_size) for x in ops.split(student, crops, axis=0)]
         targets = [block_softmax(x, block_size) for x in ops.split(teacher, 2, axis=0)]
@@ -58,6 +60,7 @@ def formulations(crops: int, block_size: int) -> dict:
 
 
 def compiled_value_and_grad(loss):
+    """``loss``'s value and gradient w.r.t. the student logits, compiled (XLA) on the active backend."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -75,10 +78,11 @@ def compiled_value_and_grad(loss):
             return value, tape.gradient(value, s)
 
         return lambda s, t: [x.numpy() for x in function(s, t)]
-    raise SystemExit("bench/loss_formulations.py runs on the jax or tensorflow backend.")
+    raise SystemExit("bench.loss_formulations runs on the jax or tensorflow backend.")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Time both formulations on the same logits; print, record, and compare their gradients."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32, help="images per crop")
     p.add_argument("--crops", type=int, default=8, help="student crops (2 global + local)")
@@ -86,7 +90,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--dtype", default="float32", help="dtype of the logits (bfloat16 under mixed precision)")
     p.add_argument("--steps", type=int, default=20)
-    args = p.parse_args()
+    add_record_arguments(p)
+    args = p.parse_args(argv)
+    recorder = Recorder.from_args("loss_formulations", args)
     rng = np.random.default_rng(0)
     student = ops.convert_to_tensor(rng.normal(size=(args.crops * args.batch, args.k)).astype("float32"), args.dtype)
     teacher = ops.convert_to_tensor(rng.normal(size=(2 * args.batch, args.k)).astype("float32"), args.dtype)
@@ -108,6 +114,11 @@ def main() -> None:
         difference = float(np.max(np.abs(gradient - first_gradient)))
         print(f"{name:<18} loss {float(value):.6f}  {1e3 * statistics.median(times):9.2f} ms  "
               f"(compile {compile_s:.1f} s, max gradient difference {difference:.1e})", flush=True)  # fmt: skip
+        config = {"formulation": name, "crops": args.crops, "batch": args.batch, "k": args.k,
+                  "block_size": args.block_size, "dtype": args.dtype, "steps": args.steps}  # fmt: skip
+        figures = {"median_ms": 1e3 * statistics.median(times), "compile_s": compile_s, "loss": float(value),
+                   "max_gradient_difference": difference}  # fmt: skip
+        recorder.record(config, figures, backend=keras.backend.backend())
 
 
 if __name__ == "__main__":

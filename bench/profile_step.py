@@ -8,7 +8,9 @@ forward/backward, batch norm, max pool, optimizer, loss, ...) using the
 optimized HLO's op names. ``--variants`` re-runs the step with alternative
 implementations in the same process (XLA's autotuning results are reused):
 
-    KERAS_BACKEND=jax python bench/profile_step.py --variants library,keras_moments,pool_slices
+    KERAS_BACKEND=jax python -m bench.profile_step --variants library,keras_moments,pool_slices
+
+Each variant is recorded in bench/results/profile_step.jsonl (bench.results); --out also appends the raw lines.
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ import glob
 import json
 import re
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import add_config_arguments, build_model  # noqa: E402
+from bench.results import Recorder, add_record_arguments
+from bench.train_step import CONFIG_ARGUMENTS, add_config_arguments, build_model
 
 VARIANTS = ("library", "keras_moments", "pool_slices")
 
@@ -86,8 +86,9 @@ def slice_max_pool_2d(original):
 
 def apply_variant(name: str):
     """Patch Keras' JAX backend for ``name``; returns a function that undoes it."""
-    from keras.src.backend.jax import nn
+    from keras_carp import keras_internals
 
+    nn = keras_internals.jax_backend_nn()
     original = nn.max_pool
     if name == "pool_slices":
         nn.max_pool = slice_max_pool_2d(original)
@@ -206,6 +207,8 @@ def run_variant(args, name: str, profile: bool) -> dict:
     import jax
     import numpy as np
 
+    from keras_carp import keras_internals
+
     undo = apply_variant(name)
     try:
         args.batch_norm_moments = "keras" if name == "keras_moments" else "one_pass"
@@ -215,8 +218,7 @@ def run_variant(args, name: str, profile: bool) -> dict:
         sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
         crops = tuple(jax.device_put(rng.normal(size=(args.batch, s, s, 3)).astype("float32")) for s in sizes)
         data = (crops,)
-        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                     optimizer_variables=True, metrics_variables=True)  # fmt: skip
+        state = keras_internals.jax_state(model)
         started = time.perf_counter()
         lowered = jax.jit(model.train_step, donate_argnums=0).lower(state, data)
         compiled = lowered.compile()
@@ -264,7 +266,23 @@ def run_variant(args, name: str, profile: bool) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def record_variant(recorder: Recorder, args: argparse.Namespace, result: dict) -> dict:
+    """One variant's bench.results record: the configuration, then its timings (breakdown and profile flattened)."""
+    config = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in CONFIG_ARGUMENTS}
+    config = {"variant": result["variant"], **config}
+    figures = {key: value for key, value in result.items() if isinstance(value, (int, float)) and key != "variant"}
+    for part, ms in result.get("breakdown_ms", {}).items():
+        figures[f"{part}_ms"] = ms
+    if "profile" in result:
+        figures["gpu_busy_ms"] = result["profile"]["busy_ms"]
+        figures["gpu_backward_ms"] = result["profile"]["backward_ms"]
+        for category, ms in sorted(result["profile"]["categories"].items()):
+            figures[f"gpu {category} ms"] = ms
+    return recorder.record(config, figures, backend="jax")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile, time (and optionally trace) each variant in this process; print, record, and compare them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, backbone="resnet50", global_size=224, local_size=96, local_crops=6, batch=256,
                          k=65536, block_size=512, hidden=2048, bottleneck=256, precision="bfloat16", steps=30,
@@ -279,14 +297,17 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--profile", default="library", help="comma-separated variants to trace")
     parser.add_argument("--breakdown", action="store_true", help="also time the forward and forward+backward alone")
-    parser.add_argument("--out", default=None, help="append each variant's JSON line here")
+    parser.add_argument("--out", default=None, help="also append each variant's raw JSON line here")
+    add_record_arguments(parser)
     args = parser.parse_args(argv)
+    recorder = Recorder.from_args("profile_step", args)
     results = []
     for name in args.variants.split(","):
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}; choose from {VARIANTS}")
         result = run_variant(args, name, profile=name in args.profile.split(","))
         results.append(result)
+        record_variant(recorder, args, result)
         if args.out:
             with open(args.out, "a") as out:
                 out.write(json.dumps(result) + "\n")

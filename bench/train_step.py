@@ -1,9 +1,9 @@
-"""Time the whole CARP training step of keras-carp, side by side with the PyTorch reference (bench/torch_reference.py).
+"""Time the whole CARP training step of keras-carp, side by side with the PyTorch baseline (bench.torch_baseline).
 
 The step is what ``fit`` runs: student on all crops, teacher on the 2 global
 crops, partition, loss, LARS update and teacher EMA, compiled (XLA on
 TensorFlow and JAX). Batches are synthetic and already on the device, so the
-input pipeline is out of the picture (bench/input_pipeline.py measures it).
+input pipeline is out of the picture (bench.input_pipeline measures it).
 Each run reports the median and 10th/90th percentiles of the step time over
 ``--steps`` steps after compilation and warm-up, images/s, compile time, peak
 memory (device, or host RSS on a CPU) and MFU: the step's FLOPs (counted by
@@ -13,15 +13,17 @@ step time and the device's peak for the precision in use.
 One command runs every backend and the reference in fresh processes and prints
 the table with the ratio keras-carp / reference:
 
-    python bench/train_step.py --suite cpu      # ResNet-18 at 2x64 + 4x32, K = 4096 (no GPU needed)
-    python bench/train_step.py --suite gpu      # ResNet-50, 2x224 (+ 6x96), K = 65536, batch 64/128/256
-    python bench/train_step.py --suite smoke    # seconds: the test suite runs this
-    python bench/train_step.py --worker keras --backbone resnet18 ...   # one configuration, one JSON line
+    python -m bench.train_step --suite cpu      # ResNet-18 at 2x64 + 4x32, K = 4096 (no GPU needed)
+    python -m bench.train_step --suite gpu      # ResNet-50, 2x224 (+ 6x96), K = 65536, batch 64/128/256
+    python -m bench.train_step --suite smoke    # seconds: the test suite runs this
+    python -m bench.train_step --worker keras --backbone resnet18 ...   # one configuration, one JSON line
 
 Narrow and order the grid with --local-crops-list, --batches, --precisions and
 --implementations (e.g. reference,jax,reference+compile); --deadline stops
-starting runs after a time budget (bench/gpu_tables.sh uses both). Rows are
-appended to --out as they come; the side-by-side table is printed at the end.
+starting runs after a time budget (bench/gpu_tables.sh uses both). Every row
+is recorded in bench/results/train_step.jsonl (bench.results) and appended to
+--out as it comes; the side-by-side table is printed at the end. A --worker
+prints its JSON line and records nothing: the suite that started it records.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.results import Recorder, add_record_arguments
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as keras_carp sets it, before the workers import TensorFlow
@@ -68,11 +72,12 @@ def keras_step_runner(model, data):
     """The compiled train function ``fit`` uses, called on one device-resident batch; returns step() -> logs."""
     import keras
 
+    from keras_carp import keras_internals
+
     model.make_train_function()
     backend = keras.backend.backend()
     if backend == "jax":
-        state = [model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
-                                      optimizer_variables=True, metrics_variables=True)]  # fmt: skip
+        state = [keras_internals.jax_state(model)]
 
         def step():  # as JAX fit does: the state is threaded through, donated, never synced back per step
             logs, state[0] = model.train_function(state[0], iter([data]))
@@ -97,13 +102,13 @@ def build_model(args):
         keras_carp.CARPHead(num_prototypes=args.k, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck),
         block_size=args.block_size,
         batch_norm_moments=getattr(args, "batch_norm_moments", None) or "one_pass",
+        teacher_momentum_schedule=keras_carp.TeacherMomentumSchedule(0.99, 1.0, total_steps=10**6),
     )
     optimizer = keras_carp.LARS(0.45 * args.batch / 256)
     if args.precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     jit_compile = {"auto": "auto", "true": True, "false": False}[getattr(args, "jit_compile", None) or "auto"]
     model.compile(optimizer=optimizer, jit_compile=jit_compile)
-    model.attach_teacher_ema(keras_carp.TeacherEMA(0.99, 1.0, total_steps=10**6))
     return model
 
 
@@ -251,8 +256,25 @@ def with_ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+FIGURES = ("median_ms", "p10_ms", "p90_ms", "images_per_s", "compile_s", "peak_memory_gib", "memory_kind", "mfu",
+           "step_tflop", "peak_tflops", "peak_source", "vs_reference", "reference", "first_loss", "jit_compile",
+           "device", "error")  # fmt: skip
+
+
+def record_row(recorder: Recorder, row: dict, args) -> dict:
+    """One suite row as a bench.results record: the configuration and implementation, then its figures."""
+    config = {key: row[key] for key in (*CONFIG_KEYS, "hidden", "bottleneck", "steps", "warmup") if key in row}
+    config.update(implementation=row["implementation"], suite=args.suite)
+    if not row["implementation"].startswith("torch reference"):
+        config["batch_norm_moments"] = args.batch_norm_moments
+    figures = {key: row[key] for key in FIGURES if key in row}
+    backend = row.get("backend") or ("torch" if row["implementation"].startswith("torch") else None)
+    return recorder.record(config, figures, backend=backend)
+
+
 def run_suite(args) -> list[dict]:
     started, results = time.monotonic(), []
+    recorder = Recorder.from_args("train_step", args)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join(
         [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))  # fmt: skip
     for config in configurations(args):
@@ -262,11 +284,11 @@ def run_suite(args) -> list[dict]:
                 print(f"skipped {name} {config_label(config)}: the --deadline has passed", flush=True)
                 continue
             if name.startswith("reference"):
-                command = [sys.executable, str(HERE / "torch_reference.py"), *flags(config), "--json"]
+                command = [sys.executable, "-m", "bench.torch_baseline", *flags(config), "--json"]
                 command += ["--compile"] if name == "reference+compile" else []
                 label, run_env = "torch reference" + (" + compile" if name == "reference+compile" else ""), env
             else:
-                command = [sys.executable, str(HERE / "train_step.py"), "--worker", "keras", *flags(config),
+                command = [sys.executable, "-m", "bench.train_step", "--worker", "keras", *flags(config),
                            f"--batch-norm-moments={args.batch_norm_moments}"]  # fmt: skip
                 label, run_env = f"keras-carp ({name})", dict(env, KERAS_BACKEND=name)
                 label += "" if args.batch_norm_moments == "one_pass" else f" {args.batch_norm_moments} BN"
@@ -274,6 +296,7 @@ def run_suite(args) -> list[dict]:
             result = {**config, **result, "implementation": label}
             results.append(result)
             print_row(with_ratios(results)[-1])
+            record_row(recorder, with_ratios(results)[-1], args)
             if args.out:
                 with open(args.out, "a") as handle:
                     handle.write(json.dumps(with_ratios(results)[-1]) + "\n")
@@ -324,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
                    help="--worker: CARP.compile(jit_compile=...), XLA or not")  # fmt: skip
     add_config_arguments(p)  # one configuration, for --worker (the suites set them otherwise)
+    add_record_arguments(p)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(run_keras(args)))

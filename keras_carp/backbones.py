@@ -15,6 +15,8 @@ import re
 import keras
 import keras_hub
 
+from keras_carp.keras_internals import flatten_layers
+
 # ResNetBackbone arguments; "resnet50" is the paper's encoder (2048-d features).
 RESNET_CONFIGS = {
     "resnet50": dict(
@@ -100,7 +102,7 @@ def torchvision_initialization(backbone: keras.Model) -> int:
     """
     kaiming_fan_out = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
     last_bn: dict = {}
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in flatten_layers(backbone, include_self=False):
         if isinstance(layer, keras.layers.Conv2D):
             layer.kernel.assign(kaiming_fan_out(layer.kernel.shape, dtype=layer.kernel.dtype))
         match = _BLOCK_LAYER.match(layer.name) if isinstance(layer, keras.layers.BatchNormalization) else None

@@ -13,18 +13,20 @@ batch mean (the shifted-data algorithm). The values are those of Keras' moments
 up to float32 rounding; the gradient is the same function's.
 
 Keras has no switch for this, so ``use_one_pass_moments`` replaces the
-``_moments`` method of each BN layer instance (a Keras-internal hook; the layer's
+``_moments`` method of each BN layer instance (a Keras-internal hook, reached
+through ``keras_carp.keras_internals``; the layer's
 config, weights and inference path are untouched, so saved files stay plain
 Keras). Masked inputs and synchronised (cross-replica) BN keep Keras' own path.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 
 import keras
 from keras import ops
+
+from keras_carp import keras_internals
 
 MOMENTS = ("one_pass", "keras")
 
@@ -32,8 +34,8 @@ MOMENTS = ("one_pass", "keras")
 def one_pass_moments(layer: keras.layers.BatchNormalization, inputs, mask=None):
     """Batch mean and (biased) variance of ``inputs`` over the layer's reduction axes, in one pass."""
     if mask is not None or layer.synchronized:
-        return type(layer)._moments(layer, inputs, mask)
-    axes = layer._reduction_axes
+        return keras_internals.keras_moments(layer, inputs, mask)
+    axes = keras_internals.reduction_axes(layer)
     shape = [1] * len(inputs.shape)
     shape[layer.axis] = inputs.shape[layer.axis]
     shift = ops.stop_gradient(ops.cast(layer.moving_mean, inputs.dtype))
@@ -48,7 +50,7 @@ def batch_norm_layers(network: keras.layers.Layer) -> list:
     """The BatchNormalization layers in ``network`` (itself included), nested models and layers too."""
     return [
         layer
-        for layer in network._flatten_layers(include_self=True)
+        for layer in keras_internals.flatten_layers(network, include_self=True)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 
@@ -59,14 +61,13 @@ def use_one_pass_moments(layers: Iterable[keras.layers.BatchNormalization], enab
     Returns the number of layers changed. Layers whose class brings its own
     ``_moments``, and every layer if Keras drops that hook, keep their statistics.
     """
-    keras_moments = getattr(keras.layers.BatchNormalization, "_moments", None)
     changed = 0
     for layer in layers:
-        if keras_moments is None or getattr(type(layer), "_moments", None) is not keras_moments:
+        if not keras_internals.has_keras_moments(layer):
             continue
         if enabled:
-            object.__setattr__(layer, "_moments", types.MethodType(one_pass_moments, layer))
-        elif "_moments" in vars(layer):
-            object.__delattr__(layer, "_moments")
+            keras_internals.override_moments(layer, one_pass_moments)
+        else:
+            keras_internals.restore_moments(layer)
         changed += 1
     return changed

@@ -1,74 +1,102 @@
-"""Callbacks: the teacher's exponential moving average, and TensorBoard curves indexed by optimizer step."""
+"""Every Keras callback of keras_carp, in one place.
+
+- ``TeacherEMA``: the deprecated callback form of the teacher momentum
+  schedule (``CARP(teacher_momentum_schedule=TeacherMomentumSchedule(...))``
+  is the owner now); ``TeacherMomentumRunLength``, added by ``CARP.fit``,
+  resolves a schedule's length from the ``fit`` call.
+- ``StepTensorBoard`` and ``RunCSVLogger``: Keras' loggers, fixed for resumed
+  runs and ``gs://`` paths.
+- ``RunCheckpoint``: atomic whole-state checkpoints, resume within an epoch,
+  and a stop on a non-finite loss (helpers in ``keras_carp.checkpoints``).
+- ``SkippedImagesLogger``: undecodable images skipped by a
+  ``keras_carp.data`` source (the source is TensorFlow-based; this module
+  imports no TensorFlow).
+- ``KNNMonitor`` and ``CollapseMonitor``: k-NN accuracy and prototype
+  collapse during ``fit`` (``keras_carp.evaluation``).
+
+The old import paths (``keras_carp.checkpoints.RunCheckpoint``,
+``keras_carp.data.SkippedImagesLogger``, ``keras_carp.evaluation.KNNMonitor``,
+...) still work: they re-export these classes.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import warnings
+from typing import TYPE_CHECKING
+
 import keras
+import numpy as np
 
+from keras_carp import checkpoints, keras_internals
 from keras_carp.optimizers import batch_counter
-from keras_carp.schedules import cosine_ramp
+from keras_carp.schedules import TeacherMomentumSchedule
+
+if TYPE_CHECKING:
+    from keras_carp.data.sources import ImageSource
+
+checkpoint_logger = logging.getLogger("keras_carp.checkpoints")
+data_logger = logging.getLogger("keras_carp.data")
+evaluation_logger = logging.getLogger("keras_carp.evaluation")
 
 
+# ------------------------------------------------------------ teacher momentum
 @keras.saving.register_keras_serializable(package="keras_carp")
 class TeacherEMA(keras.callbacks.Callback):
-    """Teacher <- m * teacher + (1 - m) * student at every optimizer step, from the pre-step student weights.
+    """Deprecated callback form of the teacher momentum schedule; passing it to ``fit`` sets the model's schedule.
 
-    m follows a per-step cosine from ``base_momentum`` to ``final_momentum`` over
-    the whole run (``epochs * steps_per_epoch`` of the ``fit`` call, or
-    ``total_steps``); ``TeacherEMA(0, 0)`` is the no-momentum (siamese)
-    ablation. Only trainable weights are averaged; the teacher's batch-norm
-    statistics come from its own forward passes.
-
-    The callback owns the schedule; the update itself runs inside the compiled
-    train step (``CARP`` asks this callback for m at the current step), as one
-    fused pass over all variables. Doing it in ``on_train_batch_end`` instead
-    would cost a host round trip and one eager op per variable each step, and
-    under JAX the trainer keeps the variables outside the model during ``fit``,
-    so an update made from a callback would be overwritten by the next step.
-    The momentum in use is logged as ``teacher_momentum``.
+    ``model.fit(..., callbacks=[TeacherEMA(base, final, total_steps=n)])`` does
+    what ``CARP(..., teacher_momentum_schedule=TeacherMomentumSchedule(base,
+    final, total_steps=n))`` (or setting ``model.teacher_momentum_schedule``)
+    does, which is the form to use: the EMA itself always ran inside the
+    compiled train step, never in this callback. ``total_steps`` holds the
+    run's resolved length after ``fit`` starts.
     """
 
     def __init__(self, base_momentum: float = 0.99, final_momentum: float = 1.0, total_steps: int | None = None):
         super().__init__()
-        for label, value in (("base_momentum", base_momentum), ("final_momentum", final_momentum)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"TeacherEMA {label} must be in [0, 1], got {value}.")
-        if total_steps is not None and total_steps <= 0:
-            raise ValueError(f"TeacherEMA total_steps must be positive, got {total_steps}.")
-        self.base_momentum = float(base_momentum)
-        self.final_momentum = float(final_momentum)
-        self.requested_total_steps = total_steps
-        self.total_steps = total_steps
+        self.schedule = TeacherMomentumSchedule(base_momentum, final_momentum, total_steps)
+        self.total_steps = self.schedule.total_steps
+        warnings.warn(
+            "keras_carp.TeacherEMA is deprecated: pass CARP(teacher_momentum_schedule=keras_carp."
+            "TeacherMomentumSchedule(base_momentum, final_momentum, total_steps)) "
+            "or set model.teacher_momentum_schedule.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+
+    @property
+    def base_momentum(self) -> float:
+        return self.schedule.base_momentum
+
+    @property
+    def final_momentum(self) -> float:
+        return self.schedule.final_momentum
+
+    @property
+    def requested_total_steps(self) -> int | None:
+        return self.schedule.total_steps
 
     def momentum(self, step):
-        """Teacher momentum m at optimizer step ``step`` (a scalar tensor)."""
-        if self.total_steps is None or self.base_momentum == self.final_momentum:
-            return keras.ops.convert_to_tensor(self.base_momentum, "float32")
-        return cosine_ramp(step, self.total_steps, self.base_momentum, self.final_momentum)
+        """Teacher momentum m at batch ``step`` (a scalar tensor), over the resolved run length."""
+        schedule = self.schedule if self.total_steps is None else self.schedule.with_total_steps(self.total_steps)
+        return schedule(step)
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not hasattr(model, "attach_teacher_ema"):
+        if not hasattr(model, "teacher_momentum_schedule"):
             raise TypeError(f"TeacherEMA works with keras_carp.CARP models, got {type(model).__name__}.")
-        self.total_steps = self.requested_total_steps
-        if self.total_steps is None:
-            epochs, steps = self.params.get("epochs"), self.params.get("steps")
-            if not epochs or not steps:
-                raise ValueError(
-                    "TeacherEMA cannot tell the run's length (the dataset has no known size); "
-                    "pass fit(steps_per_epoch=...) or TeacherEMA(total_steps=...)."
-                )
-            self.total_steps = int(epochs) * int(steps)
-        model.attach_teacher_ema(self)
+        # CARP.fit made self.schedule the model's schedule, and TeacherMomentumRunLength (first) resolved it.
+        self.total_steps = model.resolved_teacher_momentum_schedule.total_steps
 
     def get_config(self) -> dict:
-        return {
-            "base_momentum": self.base_momentum,
-            "final_momentum": self.final_momentum,
-            "total_steps": self.requested_total_steps,
-        }
+        return self.schedule.get_config()
 
     def resolved_config(self) -> dict:
-        """The config with the run's length filled in (saved with a model so a resumed run keeps the schedule)."""
+        """The config with the run's length filled in."""
         return {**self.get_config(), "total_steps": self.total_steps}
 
     @classmethod
@@ -76,6 +104,19 @@ class TeacherEMA(keras.callbacks.Callback):
         return cls(**config)
 
 
+class TeacherMomentumRunLength(keras.callbacks.Callback):
+    """Added first by ``CARP.fit``: resolves the model's momentum schedule length to this fit's epochs * steps.
+
+    Keras knows the number of steps only once ``fit`` has looked at the data,
+    so the length is filled in at ``on_train_begin`` (``CARP.resolve_teacher_momentum``).
+    Not for direct use.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.model.resolve_teacher_momentum(self.params.get("epochs"), self.params.get("steps"))
+
+
+# ------------------------------------------------------------------- logging
 class StepTensorBoard(keras.callbacks.TensorBoard):
     """Keras' ``TensorBoard`` whose step summaries are indexed by the optimizer step, not by batches of this fit.
 
@@ -87,8 +128,8 @@ class StepTensorBoard(keras.callbacks.TensorBoard):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        # Keras increments this counter before each step's summaries; start it at the restored step.
-        self._global_train_batch = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
+        step = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
+        keras_internals.set_tensorboard_train_step(self, step)
 
 
 class RunCSVLogger(keras.callbacks.CSVLogger):
@@ -100,7 +141,196 @@ class RunCSVLogger(keras.callbacks.CSVLogger):
     """
 
     def on_train_end(self, logs=None):
-        if self.csv_file is not None:
-            self.csv_file.close()
-            self.csv_file = None
-        self.writer = None
+        keras_internals.close_csv_logger(self)
+
+
+# --------------------------------------------------------------- checkpoints
+class RunCheckpoint(keras.callbacks.Callback):
+    """Save the whole training state every ``every_steps`` optimizer steps and at every epoch's end.
+
+    Stops the run with ``NonFiniteLossError`` as soon as the loss is NaN or
+    infinite, before that state is saved, naming the step and the last good
+    checkpoint (Keras' ``TerminateOnNaN`` only sets ``stop_training``, which
+    would let the run export a broken model). Keeps the newest ``keep``
+    checkpoints. ``resume`` (from ``latest_checkpoint``) restores the epoch's
+    running means when fit continues in the middle of that epoch.
+    """
+
+    def __init__(self, directory: str, steps_per_epoch: int, every_steps: int = 0, keep: int = 2,
+                 resume: checkpoints.Checkpoint | None = None):  # fmt: skip
+        super().__init__()
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
+        if every_steps < 0 or keep < 1:
+            raise ValueError(f"every_steps must be >= 0 and keep >= 1, got {every_steps} and {keep}.")
+        self.directory = str(directory)
+        self.steps_per_epoch, self.every_steps, self.keep = steps_per_epoch, every_steps, keep
+        self.resume = resume
+        self.last_saved: str | None = resume.path if resume else None
+        self._step = 0
+        self._last_batch = -1
+
+    def on_train_begin(self, logs=None):
+        checkpoints._gfile().makedirs(self.directory)
+        self._step = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch = -1
+        resume = self.resume
+        if resume is not None and resume.step_in_epoch and epoch == resume.epoch and self._step == resume.step:
+            for metric in self.model.metrics:
+                for variable, value in zip(metric.variables, resume.epoch_metrics.get(metric.name, [])):
+                    variable.assign(np.asarray(value, dtype=variable.dtype))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += batch - self._last_batch  # `batch` is the last step run (several with steps_per_execution)
+        self._last_batch = batch
+        loss = float(np.asarray(logs["loss"])) if logs and "loss" in logs else 0.0
+        if not math.isfinite(loss):
+            raise checkpoints.NonFiniteLossError(self._step, loss, self.last_saved)
+        if self.every_steps and self._step % self.every_steps == 0 and self._step % self.steps_per_epoch:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def save(self) -> str:
+        """Write the checkpoint for the current step (model first, its record last) and prune old ones."""
+        step, epoch = self._step, self._step // self.steps_per_epoch
+        name = f"step-{step:09d}"
+        model_path = os.path.join(self.directory, f"{name}.keras")
+        epoch_metrics = {}
+        if step % self.steps_per_epoch:
+            to_list = lambda v: keras.ops.convert_to_numpy(v).tolist()  # noqa: E731
+            epoch_metrics = {m.name: [to_list(v) for v in m.variables] for m in self.model.metrics}
+        try:
+            checkpoints.atomic_save_model(self.model, model_path)
+            record = {"file": f"{name}.keras", "step": step, "epoch": epoch, "steps_per_epoch": self.steps_per_epoch,
+                      "epoch_metrics": epoch_metrics}  # fmt: skip
+            checkpoints.atomic_write_text(os.path.join(self.directory, f"{name}.json"), json.dumps(record, indent=1))
+        except OSError as error:
+            last = self.last_saved or "none"
+            raise OSError(f"could not write the checkpoint for step {step} ({error}); last good checkpoint: {last}")
+        self.last_saved = model_path
+        checkpoint_logger.info("checkpoint %s", model_path)
+        for old in checkpoints.list_checkpoints(self.directory)[: -self.keep]:
+            for path in (old.path, old.path[: -len(".keras")] + ".json"):
+                if checkpoints._gfile().exists(path):
+                    checkpoints._gfile().remove(path)
+        return model_path
+
+
+# ---------------------------------------------------------------------- data
+class SkippedImagesLogger(keras.callbacks.Callback):
+    """Adds ``skipped_images`` (running total) to each epoch's logs and warns when it grows.
+
+    Put it before ``CSVLogger``/``TensorBoard`` in the callback list so they record the column.
+    """
+
+    def __init__(self, source: ImageSource):
+        super().__init__()
+        self.source = source
+        self._reported = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        count = self.source.skipped.count
+        if logs is not None:
+            logs["skipped_images"] = count
+        if count > self._reported:
+            data_logger.warning("%s: %d undecodable images skipped so far (%d this epoch)", self.source.name, count,
+                           count - self._reported)  # fmt: skip
+            self._reported = count
+
+
+# ---------------------------------------------------------------- evaluation
+def _encoder(model, which: str) -> keras.Model:
+    if which not in ("teacher", "student"):
+        raise ValueError(f"encoder must be 'teacher' or 'student', got {which!r}.")
+    return model.teacher_encoder if which == "teacher" else model.student_encoder
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Weighted k-NN top-1/top-5 of the frozen encoder every ``every`` epochs, as ``knn_top1``/``knn_top5`` logs.
+
+    ``train_data`` (the memory bank) and ``test_data`` are iterables of
+    ``(images, labels)`` batches, e.g. ``keras_carp.data.eval_dataset``. Put it
+    before ``CSVLogger``/``TensorBoard`` in the callback list so they record it.
+    Epochs it skips log NaN, so that CSVLogger (which fixes its columns at the
+    first epoch) keeps the columns.
+    """
+
+    def __init__(self, train_data, test_data, every: int = 1, k: int = 20, temperature: float = 0.07,
+                 encoder: str = "teacher", num_classes: int | None = None):  # fmt: skip
+        super().__init__()
+        if every <= 0:
+            raise ValueError(f"every must be a positive number of epochs, got {every}.")
+        self.train_data, self.test_data = train_data, test_data
+        self.every, self.k, self.temperature, self.which = every, k, temperature, encoder
+        self.num_classes = num_classes
+        self.history: dict[int, dict] = {}
+
+    def evaluate(self) -> dict:
+        encoder = _encoder(self.model, self.which)
+        from keras_carp.evaluation.knn import knn_accuracy  # here: keras_carp.evaluation imports this module
+
+        return knn_accuracy(encoder, self.train_data, self.test_data, self.k, self.temperature, self.num_classes)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every and epoch + 1 != self.params.get("epochs"):
+            if logs is not None:
+                logs["knn_top1"] = logs["knn_top5"] = float("nan")
+            return
+        result = self.evaluate()
+        self.history[epoch + 1] = result
+        if logs is not None:
+            logs["knn_top1"], logs["knn_top5"] = result["top1"], result["top5"]
+        evaluation_logger.info("epoch %d: k-NN (k=%d) top-1 %.2f%%, top-5 %.2f%%", epoch + 1, self.k, result["top1"],
+                    result["top5"])  # fmt: skip
+
+
+class CollapseMonitor(keras.callbacks.Callback):
+    """Prototype usage on a fixed probe set at each epoch's end; a loud warning when assignments concentrate.
+
+    Each probe image is assigned to the prototype with the largest teacher
+    logit, with batch norm on batch statistics as in training (inside a
+    ``StatelessScope``, so the moving averages are left alone). Logged:
+    ``prototype_usage`` (distinct prototypes assigned / min(K, probes)) and
+    ``largest_assignment_share`` (fraction of probes on the most popular
+    prototype). The paper's one-block (N_B = K) runs collapse onto a handful
+    of prototypes; this flags it at the end of the epoch where it happens.
+    """
+
+    def __init__(self, probe_images, max_share: float = 0.5, batch_size: int = 256):
+        super().__init__()
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}.")
+        self.probe_images = np.asarray(probe_images, "float32")
+        self.max_share, self.batch_size = max_share, batch_size
+        self.collapsed_epochs: list[int] = []
+
+    def assignments(self) -> np.ndarray:
+        model = self.model
+        winners = []
+        for start in range(0, len(self.probe_images), self.batch_size):
+            batch = self.probe_images[start : start + self.batch_size]
+            with keras.StatelessScope():
+                features = model.teacher_encoder(batch, training=True)
+                logits = model.teacher_head(features, training=True)
+            winners.append(keras.ops.convert_to_numpy(keras.ops.argmax(logits, axis=-1)))
+        return np.concatenate(winners)
+
+    def on_epoch_end(self, epoch, logs=None):
+        winners = self.assignments()
+        counts = np.bincount(winners)
+        num_prototypes = self.model.num_prototypes
+        usage = len(np.unique(winners)) / min(num_prototypes, len(winners))
+        share = counts.max() / len(winners)
+        if logs is not None:
+            logs["prototype_usage"], logs["largest_assignment_share"] = float(usage), float(share)
+        if share > self.max_share:
+            self.collapsed_epochs.append(epoch + 1)
+            evaluation_logger.warning(
+                "COLLAPSE: epoch %d: %.0f%% of %d probe images go to one prototype (%d of %d prototypes used). "
+                "CARP's partitions prevent this at N_B << K; check block_size, the learning rate and the teacher.",
+                epoch + 1, 100 * share, len(winners), len(np.unique(winners)), num_prototypes,
+            )  # fmt: skip

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_carp.optimizers import batch_counter
-
 logger = logging.getLogger("keras_carp.checkpoints")
 
 _NAME = re.compile(r"^step-(\d{9})\.json$")
@@ -150,8 +148,8 @@ def check_free_space(directory: str, required_bytes: int) -> None:
     if free < required_bytes:
         raise OSError(
             f"{directory} has {free / 2**20:.0f} MiB free, but this run writes about {required_bytes / 2**20:.0f} "
-            "MiB (checkpoints, the final model and the exported encoder). Free some space or choose another "
-            "--output-dir."
+            "MiB (checkpoints, the final model and the exported encoder). Free some space or write the run "
+            "elsewhere."
         )
 
 
@@ -164,76 +162,10 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"the loss became {value} at step {step}; training stopped, {where}.")
 
 
-class RunCheckpoint(keras.callbacks.Callback):
-    """Save the whole training state every ``every_steps`` optimizer steps and at every epoch's end.
+def __getattr__(name: str):
+    """``RunCheckpoint`` lives in ``keras_carp.callbacks`` (which imports this module); re-exported here."""
+    if name == "RunCheckpoint":
+        from keras_carp.callbacks import RunCheckpoint
 
-    Stops the run with ``NonFiniteLossError`` as soon as the loss is NaN or
-    infinite, before that state is saved, naming the step and the last good
-    checkpoint (Keras' ``TerminateOnNaN`` only sets ``stop_training``, which
-    would let the run export a broken model). Keeps the newest ``keep``
-    checkpoints. ``resume`` (from ``latest_checkpoint``) restores the epoch's
-    running means when fit continues in the middle of that epoch.
-    """
-
-    def __init__(self, directory: str, steps_per_epoch: int, every_steps: int = 0, keep: int = 2,
-                 resume: Checkpoint | None = None):  # fmt: skip
-        super().__init__()
-        if steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
-        if every_steps < 0 or keep < 1:
-            raise ValueError(f"every_steps must be >= 0 and keep >= 1, got {every_steps} and {keep}.")
-        self.directory = str(directory)
-        self.steps_per_epoch, self.every_steps, self.keep = steps_per_epoch, every_steps, keep
-        self.resume = resume
-        self.last_saved: str | None = resume.path if resume else None
-        self._step = 0
-        self._last_batch = -1
-
-    def on_train_begin(self, logs=None):
-        _gfile().makedirs(self.directory)
-        self._step = int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer)))
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._last_batch = -1
-        resume = self.resume
-        if resume is not None and resume.step_in_epoch and epoch == resume.epoch and self._step == resume.step:
-            for metric in self.model.metrics:
-                for variable, value in zip(metric.variables, resume.epoch_metrics.get(metric.name, [])):
-                    variable.assign(np.asarray(value, dtype=variable.dtype))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += batch - self._last_batch  # `batch` is the last step run (several with steps_per_execution)
-        self._last_batch = batch
-        loss = float(np.asarray(logs["loss"])) if logs and "loss" in logs else 0.0
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(self._step, loss, self.last_saved)
-        if self.every_steps and self._step % self.every_steps == 0 and self._step % self.steps_per_epoch:
-            self.save()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.save()
-
-    def save(self) -> str:
-        """Write the checkpoint for the current step (model first, its record last) and prune old ones."""
-        step, epoch = self._step, self._step // self.steps_per_epoch
-        name = f"step-{step:09d}"
-        model_path = os.path.join(self.directory, f"{name}.keras")
-        epoch_metrics = {}
-        if step % self.steps_per_epoch:
-            to_list = lambda v: keras.ops.convert_to_numpy(v).tolist()  # noqa: E731
-            epoch_metrics = {m.name: [to_list(v) for v in m.variables] for m in self.model.metrics}
-        try:
-            atomic_save_model(self.model, model_path)
-            record = {"file": f"{name}.keras", "step": step, "epoch": epoch, "steps_per_epoch": self.steps_per_epoch,
-                      "epoch_metrics": epoch_metrics}  # fmt: skip
-            atomic_write_text(os.path.join(self.directory, f"{name}.json"), json.dumps(record, indent=1))
-        except OSError as error:
-            last = self.last_saved or "none"
-            raise OSError(f"could not write the checkpoint for step {step} ({error}); last good checkpoint: {last}")
-        self.last_saved = model_path
-        logger.info("checkpoint %s", model_path)
-        for old in list_checkpoints(self.directory)[: -self.keep]:
-            for path in (old.path, old.path[: -len(".keras")] + ".json"):
-                if _gfile().exists(path):
-                    _gfile().remove(path)
-        return model_path
+        return RunCheckpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

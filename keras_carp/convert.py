@@ -125,7 +125,7 @@ def _load_pth(path: Path, trust_checkpoint: bool):
                 raise  # not a pickle problem: reported as an unreadable file
             raise CheckpointError(
                 f"{path} holds a pickled {found.group(1)} besides tensors and argparse.Namespace. If you trust "
-                "the file, pass trust_checkpoint=True (--trust-checkpoint) to unpickle it fully."
+                "the file, pass trust_checkpoint=True to unpickle it fully."
             ) from None
 
 
@@ -212,9 +212,9 @@ def _resnet_backbone(encoder: keras.Model):
 
 
 def _port_backbone(loader: _PortingLoader, encoder: keras.Model) -> None:
-    from keras_hub.src.utils.timm.convert_resnet import convert_weights
+    from keras_carp.keras_internals import port_torchvision_resnet
 
-    convert_weights(_resnet_backbone(encoder), loader, {"architecture": "resnet50"})
+    port_torchvision_resnet(_resnet_backbone(encoder), loader, "resnet50")
 
 
 def _head_layout(state: dict) -> list:

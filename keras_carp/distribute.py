@@ -1,7 +1,7 @@
 """Multi-device training: tf.distribute strategies on TensorFlow, keras.distribution on JAX.
 
 ``resolve_strategy(name)`` returns the TensorFlow strategy for
-``carp-pretrain --strategy`` (``auto``: a TPU when the resolver finds one, else
+``setup_distribution(name)`` (``auto``: a TPU when the resolver finds one, else
 all local GPUs, else the default strategy); ``data_parallel()`` sets Keras'
 ``DataParallel`` distribution over the local JAX devices. The CARP-specific
 parts (global partition, entropy, synchronised batch norm, teacher update,
@@ -63,7 +63,7 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None, devices: list[s
     try:  # auto
         return _tpu_strategy(tpu)
     except ValueError as error:
-        logger.info("strategy auto: %s", error)
+        logger.debug("strategy auto: %s", error)
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
     return tf.distribute.get_strategy()
@@ -90,7 +90,7 @@ def check_global_batch(global_batch_size: int, replicas: int) -> int:
 
 @dataclasses.dataclass
 class Distribution:
-    """How a run spreads over devices: what ``carp-pretrain --strategy`` resolved to."""
+    """How a run spreads over devices: what a strategy name resolved to."""
 
     description: str
     replicas: int = 1
@@ -104,7 +104,7 @@ class Distribution:
 
 
 def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distribution:
-    """Resolve ``--strategy`` for the active backend.
+    """Resolve a strategy name for the active backend.
 
     TensorFlow: ``resolve_strategy``; TPUs train in ``mixed_bfloat16`` and,
     like multi-worker runs, read their input per host. JAX: ``auto``,
@@ -133,7 +133,7 @@ def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distributi
         if name == "none":
             return Distribution("one JAX device")
         if name == "multiworker":
-            raise ValueError("On JAX, call jax.distributed.initialize() on every host, then use --strategy auto.")
+            raise ValueError("On JAX, call jax.distributed.initialize() on every host, then use the strategy 'auto'.")
         devices = keras.distribution.list_devices()
         if name == "tpu" and not any("tpu" in str(d).lower() for d in devices):
             raise ValueError(f"No TPU among the JAX devices {devices}.")
@@ -144,5 +144,5 @@ def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distributi
         return Distribution(f"keras.distribution.DataParallel over {len(devices)} devices", len(devices),
                             dtype_policy=policy)  # fmt: skip
     if name not in ("auto", "none"):
-        raise ValueError(f"--strategy {name} needs the TensorFlow or JAX backend; PyTorch runs on one device here.")
+        raise ValueError(f"strategy {name!r} needs the TensorFlow or JAX backend; PyTorch runs on one device here.")
     return Distribution("one PyTorch device")

@@ -83,7 +83,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail before any work when ``path`` exists (without ``overwrite``) or its parent is not writable."""
     path = Path(path)
     if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

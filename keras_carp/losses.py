@@ -1,8 +1,11 @@
 """The CARP loss: consistency of views over random partitions, plus an entropy term.
 
 Notation follows the paper: K prototypes, block size N_B, N_P = K / N_B blocks.
-For every crop the [N, K] logits are permuted, cut into N_P blocks of N_B and
-softmaxed within each block: ``probs`` has shape [N_P, N, N_B].
+For every crop the [N, K] logits are put in partition order ("partitioned
+logits": block b is columns b * N_B .. (b + 1) * N_B - 1), cut into N_P blocks
+of N_B and softmaxed within each block: ``probs`` has shape [N_P, N, N_B].
+``CARPLoss(N_B)`` on partitioned logits is the loss the train step computes;
+``carp_loss`` takes logits in prototype order and the step's permutation.
 
 - consistency: for every (student crop i, teacher view j) with i != j,
   ``-log clip(<s_i, t_j>, eps, 1 - eps)`` averaged over blocks and batch; then
@@ -111,6 +114,24 @@ def carp_loss_from_probs(student_probs: Sequence, teacher_probs: Sequence, globa
     return {"loss": consistency + entropy, "consistency": consistency, "entropy": entropy}
 
 
+def partitioned_carp_loss(
+    student_logits: Sequence,
+    teacher_logits: Sequence,
+    block_size: int,
+    global_sum: Callable | None = None,
+) -> dict:
+    """The CARP loss of already-partitioned logits (the prototype axis in partition order).
+
+    Block b of the partition is columns ``b * N_B`` to ``(b + 1) * N_B - 1``;
+    ``CARP``'s train step gets such logits directly from ``CARPHead(...,
+    permutation=)``. Returns the float32 scalars ``loss``, ``consistency`` and
+    ``entropy``; see ``carp_loss`` for the arguments.
+    """
+    student = [block_softmax(x, block_size) for x in student_logits]
+    teacher = [block_softmax(x, block_size) for x in teacher_logits]
+    return carp_loss_from_probs(student, teacher, global_sum)
+
+
 def carp_loss(
     student_logits: Sequence,
     teacher_logits: Sequence,
@@ -118,35 +139,52 @@ def carp_loss(
     block_size: int,
     global_sum: Callable | None = None,
 ) -> dict:
-    """The CARP loss of one step.
+    """The CARP loss of one step, from logits in prototype order and the step's partition.
+
+    Gathers the columns of every [N, K] logit tensor in ``permutation`` order
+    and computes ``partitioned_carp_loss`` (the code the train step runs).
 
     Args:
         student_logits: list of [N, K] tensors, one per student crop, the 2
             global crops first.
         teacher_logits: list of the 2 teacher [N, K] tensors (global crops).
-        permutation: int tensor of length K (the step's random partition).
-        block_size: N_B.
+        permutation: int tensor of length K (the step's random partition):
+            block b holds prototypes ``permutation[b * N_B:(b + 1) * N_B]``.
+        block_size: N_B, which must divide K.
         global_sum: optional function summing a tensor over all replicas, so
             that the entropy's mean is over the global batch; None on one device.
 
     Returns:
         dict of float32 scalars ``loss``, ``consistency`` and ``entropy``.
     """
-    student = [partition_probs(x, permutation, block_size) for x in student_logits]
-    teacher = [partition_probs(x, permutation, block_size) for x in teacher_logits]
-    return carp_loss_from_probs(student, teacher, global_sum)
+    student = [ops.take(x, permutation, axis=1) for x in student_logits]
+    teacher = [ops.take(x, permutation, axis=1) for x in teacher_logits]
+    return partitioned_carp_loss(student, teacher, block_size, global_sum)
 
 
 @keras.saving.register_keras_serializable(package="keras_carp")
 class CARPLoss:
-    """The CARP loss with its block size bound: ``CARPLoss(512)(s, t, perm)``."""
+    """The CARP loss with its block size N_B bound; the loss ``CARP``'s train step computes.
+
+    ``CARPLoss(N_B)(student_logits, teacher_logits)`` takes partitioned
+    logits: lists of [N, K] tensors (every student crop, the 2 global crops
+    first; the 2 teacher views) whose prototype axis is already in partition
+    order, N_P = K / N_B blocks of N_B consecutive columns. With
+    ``permutation`` (an int tensor of length K) the logits are in prototype
+    order and are gathered first: ``CARPLoss(N_B)(s, t, permutation)`` equals
+    ``carp_loss(s, t, permutation, N_B)``. ``global_sum`` sums a tensor over
+    replicas (the entropy's batch mean is then global). Returns a dict of
+    float32 scalars ``loss``, ``consistency`` and ``entropy``.
+    """
 
     def __init__(self, block_size: int = 512):
         if not isinstance(block_size, (int, np.integer)) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
         self.block_size = int(block_size)
 
-    def __call__(self, student_logits, teacher_logits, permutation, global_sum=None) -> dict:
+    def __call__(self, student_logits, teacher_logits, permutation=None, global_sum=None) -> dict:
+        if permutation is None:
+            return partitioned_carp_loss(student_logits, teacher_logits, self.block_size, global_sum)
         return carp_loss(student_logits, teacher_logits, permutation, self.block_size, global_sum)
 
     def get_config(self) -> dict:

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_carp import backends
+from keras_carp import backends, keras_internals
 from keras_carp.batch_norm import MOMENTS, batch_norm_layers, use_one_pass_moments
-from keras_carp.callbacks import TeacherEMA
+from keras_carp.callbacks import TeacherEMA, TeacherMomentumRunLength
 from keras_carp.heads import CARPHead
-from keras_carp.losses import block_softmax, carp_loss_from_probs, check_partition
+from keras_carp.losses import CARPLoss, check_partition
 from keras_carp.optimizers import accumulation_steps, base_optimizer
 from keras_carp.partition import random_permutation, sequential_permutation
+from keras_carp.schedules import TeacherMomentumSchedule
 
 PARTITIONS = ("random", "fixed")
 TRACKED = ("loss", "consistency", "entropy", "prototypes_used")
@@ -28,11 +29,12 @@ def _freeze_keeping_batch_statistics(network: keras.layers.Layer) -> None:
 
     Keras' BatchNormalization uses its moving averages when ``trainable`` is
     False; the CARP teacher runs in training mode (batch statistics, as in the
-    released code) although it never gets gradients.
+    released code) although it never gets gradients
+    (``keras_internals.keep_batch_statistics``).
     """
     network.trainable = False
     for layer in batch_norm_layers(network):
-        layer._trainable = True
+        keras_internals.keep_batch_statistics(layer)
 
 
 def views_from_data(data) -> list:
@@ -76,9 +78,11 @@ class CARP(keras.Model):
     1. the student's encoder runs once per resolution group of crops, its head
        once on the pooled features of all crops together (one set of head
        batch-norm statistics); the teacher sees the 2 global crops;
-    2. the partition is drawn from (seed, batch), the loss is ``carp_loss``;
+    2. the partition is drawn from (seed, batch); the head computes the logits
+       in partition order and the loss is ``CARPLoss(block_size)`` on them;
     3. the teacher moves with the pre-step student weights,
-       ``teacher <- m * teacher + (1 - m) * student`` (m from ``TeacherEMA``);
+       ``teacher <- m * teacher + (1 - m) * student``, m from the model's
+       ``teacher_momentum_schedule``;
     4. the optimizer steps. With Keras' ``gradient_accumulation_steps=N`` on
        the optimizer, steps 3 and 4 happen on the last batch of every N (the
        gradients are averaged, i.e. the loss is divided by N); every batch
@@ -101,6 +105,13 @@ class CARP(keras.Model):
             activations (``keras_carp.batch_norm``: the ResNet-50 step takes
             8 % less time on an H200, with the same values up to float32
             rounding); "keras": Keras' two-pass statistics.
+        teacher_momentum_schedule: a ``TeacherMomentumSchedule`` (default
+            ``TeacherMomentumSchedule()``: 0.99 to 1 over the run). Without
+            ``total_steps``, every ``fit`` call resolves the length to its
+            ``epochs * steps_per_epoch`` (``resolve_teacher_momentum``); the
+            resolved schedule is what ``get_config`` saves, so a model loaded
+            from a ``.keras`` file resumes on it. Settable as
+            ``model.teacher_momentum_schedule``.
 
     Feed ``fit`` batches of ``(crop_0, crop_1, *local_crops)``, optionally as
     ``((crops...), labels)``; labels never reach the loss. ``model(images)``
@@ -116,6 +127,7 @@ class CARP(keras.Model):
         seed: int = 0,
         sync_batch_norm: bool | None = None,
         batch_norm_moments: str = "one_pass",
+        teacher_momentum_schedule: TeacherMomentumSchedule | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -131,6 +143,7 @@ class CARP(keras.Model):
         self.partition = partition
         self.seed = seed
         self.num_prototypes = head.num_prototypes
+        self.carp_loss = CARPLoss(self.block_size)
 
         feature_dim = encoder.output_shape[-1]
         self.student_encoder = encoder
@@ -158,10 +171,14 @@ class CARP(keras.Model):
         # (student, teacher) pairs averaged by the EMA: trainable weights only. Set past Keras' attribute
         # tracking: tracked, these variables would count as the model's own a second time (and be saved twice).
         pairs = [(s, t) for s, t in zip(student_weights, teacher_weights) if s.trainable]
-        object.__setattr__(self, "ema_pairs", pairs)
+        keras_internals.set_untracked_attribute(self, "ema_pairs", pairs)
 
         self.trackers = [keras.metrics.Mean(name=name) for name in TRACKED]
-        self.teacher_ema: TeacherEMA | None = None
+        schedule = teacher_momentum_schedule if teacher_momentum_schedule is not None else TeacherMomentumSchedule()
+        if not isinstance(schedule, TeacherMomentumSchedule):
+            raise TypeError(f"teacher_momentum_schedule must be a TeacherMomentumSchedule, got {schedule!r}.")
+        self._teacher_momentum_schedule = schedule  # as given
+        self._resolved_teacher_momentum_schedule = schedule  # what the compiled train step uses
         self.built = True
 
     def _batch_norm_layers(self) -> list:
@@ -173,7 +190,7 @@ class CARP(keras.Model):
         layers = self._batch_norm_layers()
         previous = [layer.synchronized for layer in layers]
         for layer in layers:
-            layer.synchronized = synchronized
+            keras_internals.set_synchronized(layer, synchronized)
         return previous
 
     # ----------------------------------------------------------------- method
@@ -200,6 +217,7 @@ class CARP(keras.Model):
             features = self.student_encoder(batch, training=training)
             for index, chunk in zip(indices, ops.split(features, len(indices), axis=0)):
                 crop_features[index] = chunk
+        # Logits in partition order (the head permutes its prototype rows): CARPLoss takes them as they are.
         logits = self.student_head(ops.concatenate(crop_features, axis=0), training=training, permutation=permutation)
         student_logits = ops.split(logits, len(views), axis=0)
         teacher_batch = ops.concatenate(views[:2], axis=0)
@@ -207,9 +225,7 @@ class CARP(keras.Model):
         teacher_logits = ops.stop_gradient(
             self.teacher_head(teacher_features, training=training, permutation=permutation)
         )
-        student_probs = [block_softmax(x, self.block_size) for x in student_logits]
-        teacher_probs = [block_softmax(x, self.block_size) for x in ops.split(teacher_logits, 2, axis=0)]
-        logs = carp_loss_from_probs(student_probs, teacher_probs, global_sum)
+        logs = self.carp_loss(student_logits, ops.split(teacher_logits, 2, axis=0), global_sum=global_sum)
         assignments = ops.one_hot(ops.argmax(teacher_logits, axis=-1), self.num_prototypes, dtype="float32")
         counts = ops.sum(assignments, axis=0)
         if global_sum is not None:
@@ -218,15 +234,51 @@ class CARP(keras.Model):
         return logs
 
     # -------------------------------------------------------- training glue
-    def attach_teacher_ema(self, teacher_ema: TeacherEMA) -> None:
-        """Use ``teacher_ema``'s schedule in the train step (retraces the step if it changed)."""
-        if self.teacher_ema is not teacher_ema:
-            self.teacher_ema = teacher_ema
-            self.make_train_function(force=True)
+    @property
+    def teacher_momentum_schedule(self) -> TeacherMomentumSchedule:
+        """The teacher momentum schedule as given (``total_steps`` may be None: resolved by each ``fit``)."""
+        return self._teacher_momentum_schedule
+
+    @teacher_momentum_schedule.setter
+    def teacher_momentum_schedule(self, schedule: TeacherMomentumSchedule) -> None:
+        if not isinstance(schedule, TeacherMomentumSchedule):
+            raise TypeError(f"teacher_momentum_schedule must be a TeacherMomentumSchedule, got {schedule!r}.")
+        self._teacher_momentum_schedule = schedule
+        self._use_teacher_momentum_schedule(schedule)
+
+    @property
+    def resolved_teacher_momentum_schedule(self) -> TeacherMomentumSchedule:
+        """The schedule the train step applies: the given one, with the last ``fit``'s length when it had none."""
+        return self._resolved_teacher_momentum_schedule
+
+    def resolve_teacher_momentum(self, epochs: int | None, steps_per_epoch: int | None) -> TeacherMomentumSchedule:
+        """Fix the schedule's length for a ``fit`` of ``epochs * steps_per_epoch`` batches, unless it has one.
+
+        Called at the start of every ``fit`` (``TeacherMomentumRunLength``).
+        Raises ValueError when the schedule needs a length the data cannot give.
+        """
+        schedule = self._teacher_momentum_schedule
+        if schedule.total_steps is None:
+            if epochs and steps_per_epoch:
+                schedule = schedule.with_total_steps(int(epochs) * int(steps_per_epoch))
+            elif not schedule.is_constant:
+                raise ValueError(
+                    "CARP cannot tell the run's length for the teacher momentum schedule (the dataset has no known "
+                    "size); pass fit(steps_per_epoch=...) or TeacherMomentumSchedule(total_steps=...)."
+                )
+        self._use_teacher_momentum_schedule(schedule)
+        return schedule
+
+    def _use_teacher_momentum_schedule(self, schedule: TeacherMomentumSchedule) -> None:
+        """Make the train step apply ``schedule`` (a Python constant of the compiled step: retrace on change)."""
+        if schedule != self._resolved_teacher_momentum_schedule:
+            self._resolved_teacher_momentum_schedule = schedule
+            if getattr(self, "train_function", None) is not None:
+                self.make_train_function(force=True)
 
     def teacher_momentum(self, step):
-        """The schedule's teacher momentum m at batch ``step``."""
-        return (self.teacher_ema or TeacherEMA()).momentum(step)
+        """The teacher momentum m at batch ``step``, from the resolved schedule."""
+        return self._resolved_teacher_momentum_schedule(step)
 
     def applied_teacher_momentum(self, step, momentum):
         """The m the teacher update applies at batch ``step``: ``momentum``, or 1 (no update) on the batches
@@ -238,7 +290,7 @@ class CARP(keras.Model):
 
     def current_learning_rate(self, step):
         """The learning rate applied at ``step`` (for the logs)."""
-        rate = base_optimizer(self.optimizer)._learning_rate
+        rate = keras_internals.learning_rate_schedule(base_optimizer(self.optimizer))
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return ops.cast(rate(step), "float32")
         return ops.cast(ops.convert_to_tensor(rate), "float32")
@@ -272,11 +324,17 @@ class CARP(keras.Model):
         self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``; without a ``TeacherEMA`` callback: the attached or saved one, else the default."""
+        """``keras.Model.fit`` on the model's teacher momentum schedule, its length resolved for this call.
+
+        A (deprecated) ``TeacherEMA`` among ``callbacks`` first becomes the
+        model's ``teacher_momentum_schedule``.
+        """
         callbacks = list(callbacks or [])
-        if not any(isinstance(c, TeacherEMA) for c in callbacks):
-            # A model loaded from a .keras file carries its run's schedule, so training resumes on it.
-            callbacks.append(self.teacher_ema or TeacherEMA())
+        for callback in callbacks:
+            if isinstance(callback, TeacherEMA):
+                self.teacher_momentum_schedule = callback.schedule
+        # First, so that every other callback's on_train_begin sees the resolved schedule.
+        callbacks.insert(0, TeacherMomentumRunLength())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def export_encoder(self, path, encoder: str = "teacher", **kwargs):
@@ -313,7 +371,7 @@ class CARP(keras.Model):
             "sync_batch_norm": self.sync_batch_norm,
             "batch_norm_moments": self.batch_norm_moments,
             # The momentum schedule of the run in progress (total_steps resolved), so a loaded model resumes on it.
-            "teacher_ema": None if self.teacher_ema is None else self.teacher_ema.resolved_config(),
+            "teacher_momentum_schedule": keras.saving.serialize_keras_object(self._resolved_teacher_momentum_schedule),
         }
 
     @classmethod
@@ -321,8 +379,10 @@ class CARP(keras.Model):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
-        teacher_ema = config.pop("teacher_ema", None)
-        model = cls(**config)
-        if teacher_ema is not None:
-            model.teacher_ema = TeacherEMA.from_config(teacher_ema)
-        return model
+        schedule = config.pop("teacher_momentum_schedule", None)
+        legacy = config.pop("teacher_ema", None)  # files written before TeacherMomentumSchedule
+        if schedule is not None:
+            schedule = keras.saving.deserialize_keras_object(schedule)
+        elif legacy is not None:
+            schedule = TeacherMomentumSchedule.from_config(legacy)
+        return cls(**config, teacher_momentum_schedule=schedule)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_carp import keras_internals
+
 
 @keras.saving.register_keras_serializable(package="keras_carp")
 class LARS(keras.optimizers.Optimizer):
@@ -70,7 +72,7 @@ class LARS(keras.optimizers.Optimizer):
                 ops.ones_like(weight_norm),
             )
             gradient = gradient * trust
-        momentum = self.momentums[self._get_variable_index(variable)]
+        momentum = self.momentums[keras_internals.optimizer_variable_index(self, variable)]
         self.assign(momentum, self.momentum * momentum + gradient)
         self.assign_sub(variable, lr * momentum)
 
@@ -97,6 +99,7 @@ def batch_counter(optimizer: keras.optimizers.Optimizer):
     directory's checkpoints are all indexed by batch, as in the released code.
     Keras' public ``iterations`` counts optimizer steps: with gradient
     accumulation over N batches it is the batch count // N. The batch count is
-    the private ``_iterations`` variable that Keras' schedules read.
+    the private ``_iterations`` variable that Keras' schedules read
+    (``keras_carp.keras_internals.batch_counter``).
     """
-    return base_optimizer(optimizer)._iterations
+    return keras_internals.batch_counter(base_optimizer(optimizer))

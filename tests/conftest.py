@@ -14,7 +14,7 @@ import keras_carp  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: backend-agnostic core tests, run under tensorflow, jax and torch")
     config.addinivalue_line(
-        "markers", "slow: the slow tier (CLI end to end, kill -9, notebooks, bench smoke, distributed): `pytest -m slow`"
+        "markers", "slow: the slow tier (CLI end to end, kill -9, notebooks, bench, distributed): pytest -m slow"
     )
 
 

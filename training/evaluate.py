@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.config import run_config_from_json
+
 PROTOCOLS = ("knn", "linear", "kmeans", "fewshot", "retrieval")
 
 
@@ -92,7 +94,7 @@ def eval_preprocessing(model_path: str, image_size: int | None, crop_fraction: f
         config = Path(model_path).parent / "config.json"
         image_size = 224
         if model_path != "pixels" and config.is_file():
-            image_size = int(json.loads(config.read_text()).get("global_size", 224))
+            image_size = run_config_from_json(config.read_text()).views.global_size
     return image_size, crop_fraction or (224 / 256 if image_size >= 128 else 1.0)
 
 

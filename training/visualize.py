@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from training.config import run_config_from_json
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="carp-visualize", description=__doc__.splitlines()[0])
@@ -129,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     from keras_carp.data import IMAGENET_MEAN, IMAGENET_STD, eval_dataset, load_source
     from keras_carp.evaluation import prototype_assignments, prototype_groups
 
-    config = json.loads((run / "config.json").read_text())
-    split = args.split or config.get("eval_split") or config.get("split", "train")
+    config = run_config_from_json((run / "config.json").read_text())
+    split = args.split or config.data.eval_split or config.data.split
     try:
-        source = load_source(config["dataset"], split, config.get("data_dir"), config.get("image_size"),
-                             download=False, seed=config.get("seed", 0))  # fmt: skip
+        source = load_source(config.data.dataset, split, config.data.data_dir, config.data.image_size,
+                             download=False, seed=config.run.seed)  # fmt: skip
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-visualize: {error}") from None
-    size, crop_fraction = config["global_size"], config.get("eval_crop_fraction", 1.0)
+    size, crop_fraction = config.views.global_size, config.evaluation.eval_crop_fraction
     images, labels = [], []
     for batch in eval_dataset(source, size, batch_size=256, crop_fraction=crop_fraction):
         batch_images = batch[0] if isinstance(batch, tuple) else batch

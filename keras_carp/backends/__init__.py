@@ -3,13 +3,64 @@
 ``keras_carp.model.CARP`` writes the method once with ``keras.ops``; the
 module for the active backend (``keras.backend.backend()``) supplies only how
 gradients are taken and state is updated, as Keras' own trainers do.
+
+The interface: each ``backends/{tensorflow,jax,torch}.py`` defines
+``train_step(model, ...)``, and that function may read or call on ``model``
+only the members of ``StepModel`` below, plus
+``keras_carp.optimizers.batch_counter(model.optimizer)`` and this module's
+``stateful_logs``. Every backend's step does, in this order: read the batch
+counter ``step``; forward and loss (``compute_carp_losses``) under the
+backend's gradient mechanism, the loss scaled by ``optimizer.scale_loss``;
+gradients of the student's (trainable) variables; the teacher EMA from the
+pre-step student weights with ``applied_teacher_momentum``; the optimizer
+update; the logs (``trackers``, ``teacher_momentum``, ``learning_rate``).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import keras
+
+
+class StepModel(Protocol):
+    """What a backend's ``train_step`` may use of the ``CARP`` model (nothing else)."""
+
+    optimizer: keras.optimizers.Optimizer
+    """``scale_loss``, ``apply`` (TensorFlow, torch), ``stateless_apply`` and ``variables`` (JAX)."""
+    ema_pairs: Sequence[tuple[Any, Any]]
+    """(student, teacher) variables the EMA averages: the trainable weights of both networks, in order."""
+    trackers: Sequence[keras.metrics.Metric]
+    """``keras.metrics.Mean`` per logged loss term, named as the keys of ``compute_carp_losses``' result."""
+
+    @property
+    def trainable_variables(self) -> list: ...  # the student's; gradients are taken for these
+
+    @property
+    def non_trainable_variables(self) -> list: ...  # teacher weights and every BN statistic (JAX state)
+
+    def compute_carp_losses(self, data, step, training: bool = True, global_sum: Callable | None = None) -> dict:
+        """Forward both networks on a batch; float32 ``loss``, ``consistency``, ``entropy``, ``prototypes_used``."""
+        ...
+
+    def teacher_momentum(self, step):
+        """m of the resolved teacher momentum schedule at batch ``step`` (logged)."""
+        ...
+
+    def applied_teacher_momentum(self, step, momentum):
+        """The m to apply at ``step``: ``momentum``, or 1 on batches that only accumulate gradients."""
+        ...
+
+    def current_learning_rate(self, step):
+        """The learning rate at ``step`` (logged)."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Clear the variables' ``.grad`` (PyTorch backend only: ``torch.nn.Module.zero_grad``)."""
+        ...
+
 
 _MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
@@ -35,7 +86,7 @@ def num_replicas() -> int:
 
 
 def xla_by_default() -> bool:
-    """Whether a compiled CARP step uses XLA when ``jit_compile="auto"``, by measurement (bench/cpu_settings.py).
+    """Whether a compiled CARP step uses XLA when ``jit_compile="auto"``, by measurement (python -m bench.cpu_settings).
 
     JAX: always (XLA is how JAX compiles). TensorFlow: on a GPU or TPU with one
     replica per program; not on a CPU, where TensorFlow's oneDNN kernels run the

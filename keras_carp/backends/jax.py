@@ -29,6 +29,16 @@ def state_mapping(model, trainable, non_trainable, optimizer_state) -> list:
 
 
 def train_step(model, state, data):
+    """One CARP step as a pure function: ``(logs, new_state) = train_step(model, state, data)``.
+
+    ``state`` is (trainable, non-trainable, optimizer, metric) values as Keras'
+    JAX trainer passes them (jitted, with the state donated). The forward runs
+    in a ``keras.StatelessScope`` under ``jax.value_and_grad`` with respect to
+    the trainable values; the BN statistics come back as new non-trainable
+    values, the teacher EMA is applied to the teacher's non-trainable values
+    from the pre-step trainable ones, the optimizer step is
+    ``stateless_apply``, and the trackers update statelessly.
+    """
     trainable, non_trainable, optimizer_state, metric_state = state
     optimizer = model.optimizer
     step = ops.cast(optimizer_state[_index_of(optimizer.variables)[id(batch_counter(optimizer))]], "int32")

@@ -38,6 +38,15 @@ def _ema_update(strategy, pairs, momentum):
 
 
 def train_step(model, data):
+    """One CARP step inside Keras' ``tf.function`` (XLA when ``jit_compile``): variables change by assignment.
+
+    ``tf.GradientTape`` records the forward; the gradients of the student's
+    trainable variables are taken from the (replica-scaled, loss-scaled)
+    loss; the teacher EMA assigns to the teacher's variables (in cross-replica
+    context under a strategy) before ``optimizer.apply`` reads and writes the
+    student's; BN statistics were assigned during the forward. Returns the
+    logs of ``stateful_logs``.
+    """
     step = ops.cast(batch_counter(model.optimizer), "int32")
     replica = _replica_context()
     global_sum = None

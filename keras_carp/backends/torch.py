@@ -10,6 +10,13 @@ from keras_carp.optimizers import batch_counter
 
 
 def train_step(model, data):
+    """One eager CARP step: ``backward()`` fills ``.grad`` of the student's variables, then in-place updates.
+
+    The batch counter is copied first (``optimizer.apply`` increments it in
+    place); the teacher EMA runs under ``torch.no_grad`` as two fused
+    ``torch._foreach`` ops over all teacher tensors, from the pre-step student
+    weights, before ``optimizer.apply``. Returns the logs of ``stateful_logs``.
+    """
     # A copy: the optimizer increments its counter in place during apply().
     step = ops.cast(batch_counter(model.optimizer).value.clone(), "int32")
     model.zero_grad()

@@ -29,7 +29,7 @@ from keras_carp.data.sources import ArraySource, FolderSource, ImageSource
 logger = logging.getLogger("keras_carp.data")
 
 DECODE_MODES = ("once", "crop")
-# bench/input_pipeline.py: decoding each JPEG once and cropping 2x224 + 6x96 from it beats eight
+# python -m bench.input_pipeline: decoding each JPEG once and cropping 2x224 + 6x96 from it beats eight
 # decode_and_crop_jpeg calls (see the README's figures).
 DEFAULT_DECODE = "once"
 
@@ -54,8 +54,8 @@ def check_image_size(source: ImageSource, min_image_size: int) -> None:
     if min_image_size <= 0:
         return
     hint = (
-        f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0 "
-        f"(--min-image-size 0), or resize the images to at least {min_image_size} px."
+        f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0, "
+        f"or resize the images to at least {min_image_size} px."
     )
     if isinstance(source, FolderSource):
         small = [(path, size) for path, size in zip(source.scan.files, source.scan.sizes) if min(size) < min_image_size]
@@ -68,6 +68,39 @@ def check_image_size(source: ImageSource, min_image_size: int) -> None:
     elif source.image_shape is not None and min(source.image_shape) < min_image_size:
         height, width = source.image_shape
         raise ValueError(f"{source.name} images are {height}x{width}, smaller than {min_image_size} px. {hint}")
+
+
+def _views_of_record(source, augmentation: MultiCropAugmentation, decode: str, loaded: bool):
+    """The map function from (record, view seed) to ``(crops, label)`` or ``(crops,)``.
+
+    Encoded images are counted as they enter and once decoded, so that the
+    ones ``ignore_errors`` drops (corrupt files) show up as skipped.
+    """
+    counter = source.skipped
+
+    def make_views(record, view_seed):
+        example = record if loaded else source.load(record)
+        if "encoded" in example:
+            entered = counter.entered.assign_add(1)
+            with tf.control_dependencies([entered]):
+                encoded = tf.identity(example["encoded"])
+            if decode == "crop":
+                crops = tf.cond(
+                    tf.io.is_jpeg(encoded),
+                    lambda: augmentation.from_jpeg(encoded, view_seed),
+                    lambda: augmentation(decode_image(encoded), view_seed),
+                )
+            else:
+                crops = augmentation(decode_image(encoded), view_seed)
+            with tf.control_dependencies([tf.group(crops)]):
+                decoded = counter.decoded.assign_add(1)
+            with tf.control_dependencies([decoded]):
+                crops = tuple(tf.identity(c) for c in crops)
+        else:
+            crops = augmentation(example["image"], view_seed)
+        return (crops, example["label"]) if "label" in example else (crops,)
+
+    return make_views
 
 
 def multicrop_dataset(
@@ -140,30 +173,7 @@ def multicrop_dataset(
         dataset = _epochs_with_seeds(dataset, seed, shuffle, shuffle_buffer, epochs, start_step,
                                      steps_per_epoch(source.num_examples, batch_size, num_pipelines),
                                      local_batch, drop_remainder)  # fmt: skip
-    counter = source.skipped
-
-    def make_views(record, view_seed):
-        example = record if loaded else source.load(record)
-        if "encoded" in example:
-            entered = counter.entered.assign_add(1)
-            with tf.control_dependencies([entered]):
-                encoded = tf.identity(example["encoded"])
-            if decode == "crop":
-                crops = tf.cond(
-                    tf.io.is_jpeg(encoded),
-                    lambda: augmentation.from_jpeg(encoded, view_seed),
-                    lambda: augmentation(decode_image(encoded), view_seed),
-                )
-            else:
-                crops = augmentation(decode_image(encoded), view_seed)
-            with tf.control_dependencies([tf.group(crops)]):
-                decoded = counter.decoded.assign_add(1)
-            with tf.control_dependencies([decoded]):
-                crops = tuple(tf.identity(c) for c in crops)
-        else:
-            crops = augmentation(example["image"], view_seed)
-        return (crops, example["label"]) if "label" in example else (crops,)
-
+    make_views = _views_of_record(source, augmentation, decode, loaded)
     dataset = dataset.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if source.encoded:
         dataset = dataset.ignore_errors(log_warning=True)

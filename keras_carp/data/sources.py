@@ -194,7 +194,7 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
         raise FileNotFoundError(
             f"Fashion-MNIST IDX files for split {split!r} not found in {directory} (expected "
             f"{prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]). "
-            "Install them with `apt-get install dataset-fashion-mnist`, or pass --data-dir."
+            "Install them with `apt-get install dataset-fashion-mnist`, or pass data_dir."
         )
     images, labels = _read_idx(images_path), _read_idx(labels_path)
     if images.ndim != 3 or labels.shape != (len(images),):
@@ -382,7 +382,7 @@ def _manual_download_error(builder, manual_dir: Path, cause: Exception | None = 
     detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0]})" if cause is not None and str(cause) else ""
     return FileNotFoundError(
         f"TFDS dataset {builder.name!r} needs a manual download and its archives are missing. {what} "
-        f"(or pass --data-dir DIR with the archives in DIR/downloads/manual), then run again: TFDS prepares "
+        f"(or pass data_dir=DIR with the archives in DIR/downloads/manual), then run again: TFDS prepares "
         f"it once into {builder.data_dir}. TFDS instructions: {instructions}{detail}"
     )
 
@@ -484,7 +484,7 @@ def load_source(
     download: bool = True,
     seed: int = 0,
 ) -> ImageSource:
-    """The source ``carp-pretrain --dataset NAME [--data-dir DIR] [--split SPLIT]`` trains on.
+    """The images of ``dataset`` / ``split``, from ``data_dir`` when given.
 
     - ``digits``: scikit-learn's bundled digits (splits ``train``/``test``), at ``image_size`` (default 32);
     - ``fashion_mnist``: IDX files in ``data_dir`` or Debian's ``/usr/share/datasets/fashion-mnist``,
@@ -509,12 +509,12 @@ def load_source(
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"Fashion-MNIST not found: no IDX files in {directory} and no prepared TFDS fashion_mnist. "
-                "Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), point --data-dir "
+                "Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), point data_dir "
                 "at the IDX files, or prepare it with TFDS."
             ) from None
     if dataset == "folder":
         if data_dir is None:
-            raise ValueError("--dataset folder needs --data-dir pointing at the images.")
+            raise ValueError("dataset 'folder' needs data_dir pointing at the images.")
         directory = Path(data_dir)
         if split and (directory / split).is_dir():
             directory = directory / split

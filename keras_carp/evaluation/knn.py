@@ -30,7 +30,7 @@ def weighted_knn(
     points vote for their class with weight ``exp(sim / temperature)``. Test
     points go in chunks, so only a [chunk, N_train] similarity block ever
     exists (1.28M x 2048 training features stay feasible). With a list of k
-    (the spec's 10, 20, 100, 200) the neighbours are found once and the result
+    (e.g. 10, 20, 100, 200) the neighbours are found once and the result
     is ``{k: {"top1", "top5"}}``.
     """
     ks = [k] if np.isscalar(k) else list(k)

@@ -1,4 +1,4 @@
-"""Linear probe on a frozen encoder: on cached features (fast default) or on augmented images (the spec's protocol)."""
+"""Linear probe on a frozen encoder: on cached features or on augmented images (the standard protocol)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def linear_probe(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Top-1/top-5 (%) of a linear classifier trained on frozen features with the spec's SGD settings.
+    """Top-1/top-5 (%) of a linear classifier trained on frozen features with the standard SGD settings.
 
     Features pass through a parameter-free batch norm first (as MoCo v3 / MAE
     probes do), which makes lr 0.3 safe whatever the feature scale. Cosine
@@ -68,7 +68,7 @@ def linear_probe_on_images(
     learning_rate: float = 0.3,
     momentum: float = 0.9,
 ) -> dict:
-    """The spec's protocol: a Dense layer on the frozen encoder, trained on augmented images.
+    """The linear evaluation protocol: a Dense layer on the frozen encoder, trained on augmented images.
 
     ``train_data`` yields ``(images, labels)`` with train-time random crop + flip
     (``keras_carp.data.classification_dataset``); ``test_data`` the resized,

@@ -1,0 +1,179 @@
+"""The typed configuration: presets against the schema, flags from it, defaults equal to the library's."""
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+
+from training import config as schema
+from training import pretrain
+
+
+def test_every_field_can_be_overridden_by_its_flag():
+    config = pretrain.parse_config(["--block-size", "32", "--global-scale", "0.5", "1.0", "--image-size", "none"])
+    assert config.model.block_size == 32 and config.views.global_scale == (0.5, 1.0)
+    assert config.data.image_size is None
+    assert config.model.num_prototypes == schema.load_preset("digits").model.num_prototypes
+    assert config["block_size"] == 32  # flat reading, as earlier versions' dict
+
+
+@pytest.mark.parametrize("preset", schema.available_presets())
+def test_every_flag_is_valid_on_every_preset(preset):
+    """Flags come from the schema, not from the keys a preset's file happens to have."""
+    flags = ["--preset", preset, "--eval-crop-fraction", "0.9", "--image-size", "24", "--head-layers", "2"]
+    flags += ["--lars-momentum", "0.8", "--batch-norm-moments", "keras", "--blur-probability", "1", "0", "0.5"]
+    config = pretrain.parse_config(flags)
+    assert config.preset == preset and config.description
+    assert (config.evaluation.eval_crop_fraction, config.data.image_size, config.model.head_layers) == (0.9, 24, 2)
+    assert (config.optimizer.lars_momentum, config.model.batch_norm_moments) == (0.8, "keras")
+    assert config.views.blur_probability == (1.0, 0.0, 0.5)
+
+
+def test_old_preset_names_are_aliases_of_the_new_ones():
+    for old, new in schema.PRESET_ALIASES.items():
+        assert "-" in old and "-" not in new
+        assert pretrain.parse_config(["--preset", old]).preset == new
+    assert sorted(schema.available_presets()) == sorted(
+        ["cifar10_resnet18", "digits", "fashion_mnist", "fashion_mnist_resnet18", "imagenet_resnet50_200ep",
+         "imagenet_resnet50_multicrop"])  # fmt: skip
+
+
+def test_unknown_preset_and_unknown_fields_are_reported():
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; available: cifar10_resnet18"):
+        pretrain.parse_config(["--preset", "nope"])
+    with pytest.raises(ValueError, match="unknown model field.*blocksize"):
+        schema.PretrainConfig.from_dict({"model": {"blocksize": 3}})
+    with pytest.raises(ValueError, match="unknown section.*optimiser"):
+        schema.PretrainConfig.from_dict({"optimiser": {}})
+    with pytest.raises(ValueError, match="global_scale must be 2 numbers"):
+        schema.PretrainConfig.from_dict({"views": {"global_scale": [0.2]}})
+    with pytest.raises(ValueError, match="partition must be one of random, fixed"):
+        schema.PretrainConfig.from_dict({"model": {"partition": "sorted"}})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--block-size", "100"], "must divide num_prototypes"),
+        (["--epochs", "0"], "epochs must be positive"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "lower --warmup-epochs"),
+        (["--jitter-probability", "1.5"], "jitter_probability must be probabilities"),
+        (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1"),
+        (["--local-scale", "0.3", "0.1"], "local_scale must satisfy 0 < low <= high"),
+    ],
+)
+def test_invalid_settings_are_refused_while_parsing(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        pretrain.parse_config(flags)
+
+
+def test_a_short_run_shortens_the_presets_warm_up():
+    assert schema.load_preset("digits").optimizer.warmup_epochs == 2
+    assert pretrain.parse_config(["--epochs", "1"]).optimizer.warmup_epochs == 0.5
+    assert pretrain.parse_config(["--epochs", "3"]).optimizer.warmup_epochs == 1.5
+    assert pretrain.parse_config(["--epochs", "4"]).optimizer.warmup_epochs == 2
+    assert pretrain.parse_config(["--epochs", "1", "--warmup-epochs", "0"]).optimizer.warmup_epochs == 0
+
+
+def test_print_config_prints_the_resolved_nested_configuration(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.parse_config(["--preset", "fashion-mnist-resnet18", "--block-size", "64", "--print-config"])
+    assert stopped.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed) == ["preset", "description", *schema.SECTIONS]
+    assert printed["preset"] == "fashion_mnist_resnet18" and printed["model"]["block_size"] == 64
+    assert schema.PretrainConfig.from_dict(printed) == pretrain.parse_config(["--preset", "fashion_mnist_resnet18",
+                                                                             "--block-size", "64"])  # fmt: skip
+
+
+def test_help_lists_every_field_by_section(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_config(["--help"])
+    text = capsys.readouterr().out
+    for name, section in schema.SECTIONS.items():
+        assert f"\n{name}:" in text
+        for spec in dataclasses.fields(section):
+            assert "--" + spec.name.replace("_", "-") in text
+
+
+def test_field_names_are_unique_across_sections():
+    names = [spec.name for section in schema.SECTIONS.values() for spec in dataclasses.fields(section)]
+    assert len(names) == len(set(names))
+
+
+def _defaults(callable_) -> dict:
+    return {name: p.default for name, p in inspect.signature(callable_).parameters.items()}
+
+
+def test_schema_defaults_are_the_library_constructors_defaults():
+    """One default per hyperparameter: the schema repeats the library's, and this keeps them equal."""
+    import keras_carp
+    from keras_carp.data import MultiCropAugmentation
+
+    views = schema.ViewsConfig()
+    augmentation = MultiCropAugmentation()
+    for spec in dataclasses.fields(views):
+        assert getattr(views, spec.name) == getattr(augmentation, spec.name), spec.name
+    model, head = schema.ModelConfig(), _defaults(keras_carp.CARPHead)
+    assert (model.num_prototypes, model.hidden_dim, model.bottleneck_dim, model.head_layers) == (
+        head["num_prototypes"], head["hidden_dim"], head["bottleneck_dim"], head["num_layers"])  # fmt: skip
+    carp = _defaults(keras_carp.CARP)
+    assert (model.block_size, model.partition, model.batch_norm_moments) == (
+        carp["block_size"], carp["partition"], carp["batch_norm_moments"])  # fmt: skip
+    lars, optimizer = _defaults(keras_carp.LARS), schema.OptimizerConfig()
+    assert (optimizer.lars_momentum, optimizer.weight_decay, optimizer.lars_eta) == (
+        lars["momentum"], lars["weight_decay"], lars["eta"])  # fmt: skip
+    teacher, ema = schema.TeacherConfig(), _defaults(keras_carp.TeacherEMA)
+    assert (teacher.base_teacher_momentum, teacher.final_teacher_momentum) == (
+        ema["base_momentum"], ema["final_momentum"])  # fmt: skip
+    assert schema.ModelConfig().encoder_init == _defaults(keras_carp.build_encoder)["init"]
+
+
+def test_paper_presets_follow_the_paper():
+    for name, local_crops in (("imagenet_resnet50_200ep", 0), ("imagenet_resnet50_multicrop", 6)):
+        c = schema.load_preset(name)
+        assert (c.data.dataset, c.model.backbone, c.data.eval_split) == ("imagenet2012", "resnet50", "validation")
+        assert (c.model.num_prototypes, c.model.block_size, c.optimizer.batch_size) == (65536, 512, 1024)
+        assert (c.model.hidden_dim, c.model.bottleneck_dim, c.optimizer.epochs) == (2048, 256, 200)
+        assert (c.views.global_size, c.views.local_size, c.views.num_local_crops) == (224, 96, local_crops)
+        assert c.views.global_scale == (0.2, 1.0) and c.views.local_scale == (0.05, 0.2)
+        assert (c.optimizer.base_learning_rate, c.optimizer.min_learning_rate) == (0.45, 0.0048)
+        assert (c.optimizer.weight_decay, c.optimizer.warmup_epochs) == (1e-6, 0)
+        assert (c.teacher.base_teacher_momentum, c.teacher.final_teacher_momentum) == (0.99, 1.0)
+        assert c.evaluation.eval_crop_fraction == 0.875
+    c = pretrain.parse_config(["--preset", "imagenet_resnet50_200ep", "--partition", "fixed",
+                               "--block-size", "65536", "--eval-split", "train[:1%]"])  # fmt: skip
+    assert (c.model.partition, c.model.block_size, c.data.eval_split) == ("fixed", 65536, "train[:1%]")
+
+
+def test_a_flat_config_json_of_an_earlier_version_reads_as_the_same_run():
+    flat = {"preset": "fashion-mnist-resnet18", "description": "d", "dataset": "fashion_mnist", "block_size": 64,
+            "global_scale": [0.4, 1.0], "output_dir": "runs/x", "seed": 3}  # fmt: skip
+    config = schema.run_config_from_json(json.dumps(flat))
+    assert (config.preset, config.model.block_size, config.views.global_scale, config.run.seed) == (
+        "fashion_mnist_resnet18", 64, (0.4, 1.0), 3)  # fmt: skip
+    assert schema.flat_training_fields(flat) == {"dataset": "fashion_mnist", "block_size": 64,
+                                                 "global_scale": [0.4, 1.0], "seed": 3}  # fmt: skip
+    nested = config.to_dict()
+    assert schema.flat_training_fields(nested) == config.training_fields()
+    assert "output_dir" not in config.training_fields() and "data_dir" not in config.training_fields()
+
+
+@pytest.mark.parametrize("preset", schema.available_presets())
+def test_every_preset_builds_its_views_head_and_schedule(preset):
+    """A preset the schema accepts is also accepted by the library objects it configures."""
+    import keras_carp
+    from training.run import build_views
+
+    c = schema.load_preset(preset)
+    assert build_views(c).num_crops == 2 + c.views.num_local_crops
+    assert c.model.backbone in keras_carp.backbones.RESNET_CONFIGS
+    model = c.model
+    keras_carp.CARPHead(num_prototypes=model.num_prototypes, hidden_dim=model.hidden_dim,
+                        bottleneck_dim=model.bottleneck_dim, num_layers=model.head_layers)  # fmt: skip
+    keras_carp.losses.check_partition(c.model.num_prototypes, c.model.block_size)
+    optimizer = c.optimizer
+    keras_carp.WarmupCosineDecay(optimizer.base_learning_rate, optimizer.batch_size, total_steps=1000,
+                                 warmup_steps=round(optimizer.warmup_epochs * 10),
+                                 min_learning_rate=optimizer.min_learning_rate)  # fmt: skip

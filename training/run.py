@@ -1,0 +1,480 @@
+"""A pretraining run in named stages: source, views, distribution, model, resume, monitors, fit, evaluate, save.
+
+``run(config)`` reads top to bottom as the run happens. Everything that can be
+refused (bad configuration, missing or corrupt data, an unwritable or full
+disk, a run directory holding another run) is refused before the first step,
+and a refused run leaves no directory behind. Rerunning the same command after
+a crash or ``kill -9`` resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from training.config import PretrainConfig, flat_training_fields
+from training.run_directory import RunDirectory
+
+LOG = logging.getLogger("keras_carp")
+
+
+class RunRefused(SystemExit):
+    """The run cannot start (or go on) as configured; the message says why and what to do.
+
+    A ``SystemExit``: the command line prints the message and exits with status 1.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"carp-pretrain: {message.lstrip()}" if not message.startswith("\n") else message)
+
+
+@dataclasses.dataclass
+class Data:
+    """The training source, the labelled evaluation source (or None) and the step arithmetic of the run."""
+
+    train: Any
+    evaluation: Any
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclasses.dataclass
+class Legs:
+    """The ``fit`` calls of a run: an interrupted epoch is finished on its own, then the remaining epochs."""
+
+    start_step: int
+    calls: list[tuple[int, int, int]]  # (initial_epoch, end_epoch, steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------------------------------- stages
+def check_same_run(run_dir: RunDirectory, config: PretrainConfig) -> None:
+    """Refuse to resume a run directory whose checkpoints were trained with other settings."""
+    saved = flat_training_fields(run_dir.read_json("config.json"))
+    current = config.training_fields()
+    changed = sorted(key for key in saved if key in current and _same(saved[key]) != _same(current[key]))
+    if changed:
+        details = ", ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
+        raise RunRefused(
+            f"{run_dir} holds checkpoints of a run with a different configuration ({details}). "
+            "Rerun with the same settings to resume it, or choose a new --output-dir."
+        )
+
+
+def _same(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def build_views(config: PretrainConfig):
+    """The multi-crop augmentation of the training images."""
+    from keras_carp.data import MultiCropAugmentation
+
+    return MultiCropAugmentation(**dataclasses.asdict(config.views))
+
+
+def load_data(config: PretrainConfig) -> Data:
+    """Open the sources and check them against the recipe; every data problem surfaces here."""
+    from keras_carp.data import load_source, steps_per_epoch
+
+    def source(split: str):
+        data = config.data
+        return load_source(
+            data.dataset, split, data.data_dir, data.image_size, download=data.download, seed=config.run.seed
+        )
+
+    try:
+        train = source(config.data.split)
+        evaluation = source(config.data.eval_split) if config.data.eval_split and train.has_labels else None
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise RunRefused(str(error)) from None
+    epoch_steps = steps_per_epoch(train.num_examples, config.optimizer.batch_size)
+    total_steps = epoch_steps * config.optimizer.epochs
+    return Data(train, evaluation, epoch_steps, total_steps, warmup_steps(config, epoch_steps, total_steps))
+
+
+def warmup_steps(config: PretrainConfig, epoch_steps: int, total_steps: int) -> int:
+    """The warm-up in steps (shorter than the run, which the schedule requires)."""
+    return min(round(config.optimizer.warmup_epochs * epoch_steps), total_steps - 1)
+
+
+def setup_distribution(config: PretrainConfig):
+    """The devices the run uses (``keras_carp.distribute``) and the compute dtype policy they call for."""
+    import keras
+
+    from keras_carp.distribute import check_global_batch, setup_distribution
+
+    try:
+        distribution = setup_distribution(config.run.strategy, config.run.tpu)
+        check_global_batch(config.optimizer.batch_size, distribution.replicas)
+    except ValueError as error:
+        raise RunRefused(str(error)) from None
+    if distribution.dtype_policy:
+        keras.config.set_dtype_policy(distribution.dtype_policy)
+    return distribution
+
+
+def build_model(config: PretrainConfig, data: Data, distribution):
+    """The compiled CARP model with its optimizer and schedules, built on every replica."""
+    import keras_carp
+
+    model_config, optimizer_config, teacher = config.model, config.optimizer, config.teacher
+    accumulation = optimizer_config.gradient_accumulation_steps
+    with distribution.scope():
+        try:  # invalid hyperparameters stop here, before any feature extraction or training
+            head = keras_carp.CARPHead(
+                num_prototypes=model_config.num_prototypes,
+                hidden_dim=model_config.hidden_dim,
+                bottleneck_dim=model_config.bottleneck_dim,
+                num_layers=model_config.head_layers,
+            )
+            model = keras_carp.CARP(
+                keras_carp.build_encoder(model_config.backbone, init=model_config.encoder_init),
+                head,
+                block_size=model_config.block_size,
+                partition=model_config.partition,
+                seed=config.run.seed,
+                batch_norm_moments=model_config.batch_norm_moments,
+                teacher_momentum_schedule=keras_carp.TeacherMomentumSchedule(
+                    teacher.base_teacher_momentum, teacher.final_teacher_momentum, total_steps=data.total_steps
+                ),
+            )
+            # Schedules run per batch, as released; the rate scales with the batch of one optimizer step.
+            schedule = keras_carp.WarmupCosineDecay(
+                base_learning_rate=optimizer_config.base_learning_rate,
+                global_batch_size=optimizer_config.batch_size * accumulation,
+                total_steps=data.total_steps,
+                warmup_steps=data.warmup_steps,
+                min_learning_rate=optimizer_config.min_learning_rate,
+            )
+            optimizer = keras_carp.LARS(
+                schedule,
+                momentum=optimizer_config.lars_momentum,
+                weight_decay=optimizer_config.weight_decay,
+                eta=optimizer_config.lars_eta,
+                gradient_accumulation_steps=accumulation,
+            )
+            model.compile(optimizer=optimizer)
+        except ValueError as error:
+            raise RunRefused(str(error)) from None
+    return model
+
+
+def check_disk_space(model, run_dir: RunDirectory, config: PretrainConfig) -> None:
+    """Checkpoints, the final model and the SavedModel (about one encoder) must fit before the first step."""
+    from keras_carp.checkpoints import check_free_space, checkpoint_bytes
+
+    try:
+        encoder_bytes = checkpoint_bytes(model.teacher_encoder) // 2
+        check_free_space(run_dir.path, (config.run.keep_checkpoints + 2) * checkpoint_bytes(model) + encoder_bytes)
+    except OSError as error:
+        raise RunRefused(str(error)) from None
+
+
+def restore(model, checkpoint, run_dir: RunDirectory, data: Data, distribution) -> int:
+    """Load the newest checkpoint (if any) into the model; returns the step training goes on from."""
+    if checkpoint is None:
+        return 0
+    import keras
+
+    from keras_carp.optimizers import batch_counter
+
+    with distribution.scope():
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(checkpoint.path)
+    start_step = int(keras.ops.convert_to_numpy(batch_counter(model.optimizer)))
+    if start_step != checkpoint.step:
+        raise RunRefused(f"{checkpoint.path} holds step {start_step}, its record says {checkpoint.step}.")
+    print(
+        f"carp-pretrain: resuming from {checkpoint.path} (step {start_step} of {data.total_steps}, "
+        f"epoch {checkpoint.epoch + 1}, step {checkpoint.step_in_epoch} of {data.steps_per_epoch} in it)"
+    )
+    run_dir.truncate_csv_log(checkpoint.epoch)
+    return start_step
+
+
+def plan_legs(start_step: int, data: Data, epochs: int) -> Legs:
+    """The ``fit`` calls from ``start_step`` to the end."""
+    first_epoch, done_in_epoch = divmod(start_step, data.steps_per_epoch)
+    calls = []
+    if done_in_epoch:
+        calls.append((first_epoch, first_epoch + 1, data.steps_per_epoch - done_in_epoch))
+        first_epoch += 1
+    if first_epoch < epochs:
+        calls.append((first_epoch, epochs, data.steps_per_epoch))
+    return Legs(start_step, calls)
+
+
+class Evaluation:
+    """Weighted k-NN of an encoder: the training split as the bank, the evaluation split as queries."""
+
+    def __init__(self, config: PretrainConfig, data: Data):
+        from keras_carp.data import eval_dataset
+
+        self.config = config.evaluation
+        self.enabled = data.evaluation is not None
+        size, crop = config.views.global_size, config.evaluation.eval_crop_fraction
+        self.bank = eval_dataset(data.train, size, crop_fraction=crop) if self.enabled else None
+        self.queries = eval_dataset(data.evaluation, size, crop_fraction=crop) if self.enabled else None
+        self.num_classes = len(data.train.class_names) if self.enabled else None
+        self.probe_dataset = eval_dataset(data.train, size, batch_size=256, crop_fraction=crop).take(2)
+
+    @property
+    def knn_settings(self) -> dict:
+        return dict(k=self.config.knn_k, temperature=self.config.knn_temperature, num_classes=self.num_classes)
+
+    def knn(self, encoder) -> dict | None:
+        from keras_carp.evaluation import knn_accuracy
+
+        return knn_accuracy(encoder, self.bank, self.queries, **self.knn_settings) if self.enabled else None
+
+    def random_init(self, model, run_dir: RunDirectory) -> dict | None:
+        """k-NN of the encoder before the first step (measured once per run directory)."""
+        name = "knn_random_init.json"
+        if run_dir.exists(name):
+            return run_dir.read_json(name)
+        result = self.knn(model.teacher_encoder)
+        run_dir.write_json(name, result)
+        return result
+
+    def monitors(self) -> list:
+        """k-NN every ``knn_every`` epochs (if asked) and the collapse indicators on a fixed probe batch."""
+        import numpy as np
+
+        from keras_carp.evaluation import CollapseMonitor, KNNMonitor
+
+        monitors = []
+        if self.enabled and self.config.knn_every > 0:
+            monitors.append(KNNMonitor(self.bank, self.queries, self.config.knn_every, **self.knn_settings))
+        images = np.concatenate([b[0] if isinstance(b, tuple) else b for b in self.probe_dataset])
+        return monitors + [CollapseMonitor(images)]
+
+
+def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, monitors: list, checkpoint) -> list:
+    """Skipped-image counts, monitors, CSV and TensorBoard logs, then checkpoints (last: a logged epoch is saved)."""
+    from keras_carp import callbacks
+
+    return [
+        callbacks.SkippedImagesLogger(data.train),
+        *monitors,  # before the loggers, which record what monitors add to the epoch logs
+        callbacks.RunCSVLogger(run_dir.join("training_log.csv"), append=True),
+        callbacks.StepTensorBoard(run_dir.join("logs"), update_freq=config.run.log_every_steps or "epoch"),
+        callbacks.RunCheckpoint(
+            run_dir.join("checkpoints"),
+            data.steps_per_epoch,
+            config.run.checkpoint_every_steps,
+            config.run.keep_checkpoints,
+            resume=checkpoint,
+        ),
+    ]
+
+
+def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list) -> list[float]:
+    """Train every leg; returns the epoch losses. A non-finite loss stops with the step it happened at."""
+    from keras_carp.checkpoints import NonFiniteLossError
+
+    losses = []
+    try:
+        for initial_epoch, end_epoch, steps in legs.calls:
+            leg_start = initial_epoch * data.steps_per_epoch + (data.steps_per_epoch - steps)
+            history = model.fit(
+                dataset_for(leg_start),
+                initial_epoch=initial_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                shuffle=False,
+            )
+            losses += history.history["loss"]
+    except NonFiniteLossError as error:
+        raise RunRefused(
+            f"\ncarp-pretrain: {error} Lower --base-learning-rate or check the data, then rerun the same command to "
+            "continue from that checkpoint."
+        ) from None
+    except OSError as error:  # e.g. the disk filled up while writing a checkpoint
+        raise RunRefused(str(error)) from None
+    return losses
+
+
+def training_datasets(config: PretrainConfig, data: Data, augmentation, distribution):
+    """A function from a start step to the (distributed) dataset of the rest of the run."""
+    from keras_carp.data import multicrop_dataset
+
+    def pipeline(start_step: int, input_context=None):
+        return multicrop_dataset(
+            data.train,
+            augmentation,
+            config.optimizer.batch_size,  # global; with an input context each host makes its replicas' share
+            seed=config.run.seed,
+            cache=config.data.cache,
+            decode=config.data.decode,
+            min_image_size=config.data.min_image_size,
+            input_context=input_context,
+            epochs=config.optimizer.epochs,
+            start_step=start_step,
+        )
+
+    def dataset_for(start_step: int):
+        if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
+            return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
+        return pipeline(start_step)
+
+    return pipeline, dataset_for
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a run has checked and built before its first step."""
+
+    config: PretrainConfig
+    run_dir: RunDirectory
+    checkpoint: Any  # the newest complete checkpoint, or None
+    data: Data
+    distribution: Any
+    model: Any
+    datasets: Any  # start step -> the (distributed) dataset of the rest of the run
+
+
+def report_devices(config: PretrainConfig, data: Data, distribution) -> None:
+    """One line on the devices and the batch; a warning if accumulation groups do not divide the run."""
+    accumulation = config.optimizer.gradient_accumulation_steps
+    accumulated = f" x {accumulation} accumulated per optimizer step" if accumulation > 1 else ""
+    print(f"carp-pretrain: {distribution.description}, global batch {config.optimizer.batch_size}{accumulated}")
+    if data.total_steps % accumulation:  # groups run across epoch boundaries; a last incomplete one is dropped
+        LOG.warning(
+            "%d batches is not a multiple of --gradient-accumulation-steps %d: the last %d batches' "
+            "gradients are not applied.",
+            data.total_steps,
+            accumulation,
+            data.total_steps % accumulation,
+        )
+
+
+def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
+    """Check and build everything before the first step: a refusal here costs no training."""
+    import keras
+
+    from keras_carp.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir.join("checkpoints"))
+    if checkpoint is not None and run_dir.exists("config.json"):
+        check_same_run(run_dir, config)
+    keras.utils.set_random_seed(config.run.seed)
+    augmentation = build_views(config)
+    data = load_data(config)
+    if checkpoint is not None and checkpoint.steps_per_epoch != data.steps_per_epoch:
+        raise RunRefused(
+            f"{checkpoint.path} was written with {checkpoint.steps_per_epoch} steps per epoch, this "
+            f"dataset gives {data.steps_per_epoch}; the data changed. Choose a new --output-dir."
+        )
+    distribution = setup_distribution(config)
+    report_devices(config, data, distribution)
+    pipeline, dataset_for = training_datasets(config, data, augmentation, distribution)
+    first_start = checkpoint.step if checkpoint is not None and checkpoint.step < data.total_steps else 0
+    try:  # builds the input pipeline: checks the images against the recipe before any training
+        first_dataset = pipeline(first_start)
+    except (ValueError, FileNotFoundError) as error:
+        raise RunRefused(str(error)) from None
+    model = build_model(config, data, distribution)
+    check_disk_space(model, run_dir, config)
+    run_dir.write_json("config.json", config.to_dict())
+
+    def datasets(start: int):
+        return first_dataset if start == first_start and not distribution.per_host_input else dataset_for(start)
+
+    return Prepared(config, run_dir, checkpoint, data, distribution, model, datasets)
+
+
+def train_evaluate_save(prepared: Prepared) -> dict:
+    """Train from the newest checkpoint to the end, score the teacher, save the model and the encoder."""
+    from keras_carp.checkpoints import atomic_save_model
+
+    config, run_dir, data, model = prepared.config, prepared.run_dir, prepared.data, prepared.model
+    evaluation = Evaluation(config, data)
+    random_init = evaluation.random_init(model, run_dir)
+    start_step = restore(model, prepared.checkpoint, run_dir, data, prepared.distribution)
+    legs = plan_legs(start_step, data, config.optimizer.epochs)
+    monitors = evaluation.monitors()
+    callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint)
+    started = time.time()
+    losses = fit(model, prepared.datasets, legs, data, callbacks)
+    seconds = time.time() - started
+    knn_monitors = [m for m in monitors if hasattr(m, "history")]
+    learned = knn_monitors[0].history.get(config.optimizer.epochs) if knn_monitors else None
+    learned = learned or evaluation.knn(model.teacher_encoder)
+    atomic_save_model(model, run_dir.join("model.keras"))
+    encoder_path = run_dir.export_encoder(model) if config.run.export else None
+    summary = summarize(prepared, legs, seconds, losses, learned, random_init, evaluation, encoder_path)
+    run_dir.write_json("summary.json", summary)
+    return summary
+
+
+def summarize(
+    prepared: Prepared,
+    legs: Legs,
+    seconds: float,
+    losses: list,
+    learned: dict | None,
+    random_init: dict | None,
+    evaluation: Evaluation,
+    encoder_path: str | None,
+) -> dict:
+    """The figures of the run (``summary.json``)."""
+    import keras
+
+    config, data = prepared.config, prepared.data
+    summary = {
+        "preset": config.preset,
+        "dataset": data.train.name,
+        "backend": keras.backend.backend(),
+        "distribution": prepared.distribution.description,
+        "train_images": data.train.num_examples,
+        "skipped_images": data.train.skipped.count,
+        "steps": data.total_steps,
+        "gradient_accumulation_steps": config.optimizer.gradient_accumulation_steps,
+        "resumed_from_step": legs.start_step if prepared.checkpoint is not None else None,
+        "train_seconds": round(seconds, 1),
+        "final_loss": float(losses[-1]) if losses else None,
+        "output_dir": config.run.output_dir,
+        "encoder": encoder_path,
+    }
+    if learned is not None:
+        summary.update(
+            knn_top1=learned["top1"],
+            knn_top5=learned["top5"],
+            knn_top1_random_init=random_init["top1"],
+            knn_top5_random_init=random_init["top5"],
+            knn_k=config.evaluation.knn_k,
+            eval_split=config.data.eval_split,
+            num_classes=evaluation.num_classes,
+        )
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------------- run
+def run(config: PretrainConfig | dict) -> dict:
+    """Pretrain (resuming from the run directory's newest checkpoint), evaluate, save, export; returns the summary.
+
+    Raises ``RunRefused`` (a ``SystemExit``) with the reason when the run cannot start or go on; a run refused
+    before it wrote anything leaves no directory behind.
+    """
+    config = as_config(config)
+    config = config.replace(output_dir=config.run.output_dir or f"runs/{config.preset}")
+    try:
+        run_dir = RunDirectory(config.run.output_dir).create()
+    except OSError as error:
+        raise RunRefused(str(error)) from None
+    with run_dir.removed_if_refused():
+        prepared = prepare(config, run_dir)
+    return train_evaluate_save(prepared)
+
+
+def as_config(config: PretrainConfig | dict) -> PretrainConfig:
+    """A ``PretrainConfig`` from itself, its nested dict, or the flat dict earlier versions passed around."""
+    if isinstance(config, PretrainConfig):
+        return config
+    if any(key in config for key in ("data", "model", "optimizer")):
+        return PretrainConfig.from_dict(config)
+    base = PretrainConfig(preset=config.get("preset", "digits"), description=config.get("description", ""))
+    return base.replace(**{k: v for k, v in config.items() if k not in ("preset", "description")})

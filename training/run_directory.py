@@ -1,0 +1,129 @@
+"""A pretraining run's directory, local or in a bucket (``gs://``): one object for every file a run reads or writes.
+
+Layout::
+
+    config.json          the resolved configuration (nested sections)
+    checkpoints/         ckpt-<step>.weights.h5 + their records (keras_carp.checkpoints)
+    logs/                TensorBoard
+    training_log.csv     one row per epoch
+    knn_random_init.json k-NN of the encoder before the first step
+    model.keras          the final model
+    encoder/             the teacher encoder as a TensorFlow SavedModel
+    summary.json         figures of the run
+
+TensorFlow's ``tf.io.gfile`` serves local paths and object stores alike; it is
+imported only when a run directory is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+class RunDirectory:
+    """The run directory at ``path``: created and proven writable by ``create``, removed again if a run is
+    refused before it writes anything (``removed_if_refused``)."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        self.created = False
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({self.path!r})"
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.path
+
+    def join(self, *names: str) -> str:
+        """A path inside the run directory."""
+        if self.remote:
+            return "/".join([self.path.rstrip("/"), *names])
+        return os.path.join(self.path, *names)
+
+    def exists(self, name: str) -> bool:
+        return _gfile().exists(self.join(name))
+
+    def read_text(self, name: str) -> str:
+        with _gfile().GFile(self.join(name)) as handle:
+            return handle.read()
+
+    def read_json(self, name: str):
+        return json.loads(self.read_text(name))
+
+    def write_json(self, name: str, value) -> None:
+        """Write ``name`` atomically (a reader never sees half a file)."""
+        from keras_carp.checkpoints import atomic_write_text
+
+        atomic_write_text(self.join(name), json.dumps(value, indent=2))
+
+    def create(self) -> RunDirectory:
+        """Create the directory and prove it is writable, before any training; OSError says why not."""
+        gfile = _gfile()
+        if gfile.exists(self.path) and not gfile.isdir(self.path):
+            raise OSError(f"the output directory {self.path} exists and is not a directory.")
+        try:
+            self.created = not gfile.exists(self.path)
+            gfile.makedirs(self.path)
+            probe = self.join(".write-test")
+            with gfile.GFile(probe, "w") as handle:
+                handle.write("ok")
+            gfile.remove(probe)
+        except Exception as error:  # OSError locally; tf.errors.OpError (not an OSError) from object stores
+            raise OSError(f"cannot write to the output directory {self.path}: {error}") from None
+        return self
+
+    @contextlib.contextmanager
+    def removed_if_refused(self) -> Iterator[None]:
+        """Remove the directory again if the block fails and the directory is one this run created and left
+        empty (a refused run leaves nothing behind; a run that wrote anything keeps it for resuming)."""
+        try:
+            yield
+        except BaseException:
+            gfile = _gfile()
+            if self.created and gfile.isdir(self.path) and not gfile.listdir(self.path):
+                gfile.rmtree(self.path)
+            raise
+
+    def truncate_csv_log(self, epochs_done: int, name: str = "training_log.csv") -> None:
+        """Keep the CSV log's header and its first ``epochs_done`` epochs (rows past the checkpoint are redone)."""
+        if not self.exists(name):
+            return
+        from keras_carp.checkpoints import atomic_write_text
+
+        lines = self.read_text(name).splitlines(keepends=True)
+        kept = [line for line in lines[1:] if line.split(",", 1)[0].strip().isdigit()][:epochs_done]
+        atomic_write_text(self.join(name), "".join(lines[:1] + kept))
+
+    def export_encoder(self, model, name: str = "encoder") -> str:
+        """The model's teacher encoder as a SavedModel in ``name`` (staged locally, then copied to a bucket)."""
+        target = self.join(name)
+        if not self.remote:
+            model.export_encoder(target, overwrite=True)
+            return target
+        gfile = _gfile()
+        with tempfile.TemporaryDirectory() as staging:
+            local = os.path.join(staging, name)
+            model.export_encoder(local, overwrite=True)
+            if gfile.exists(target):
+                gfile.rmtree(target)
+            for folder, _, files in os.walk(local):
+                relative = os.path.relpath(folder, local)
+                destination = target if relative == "." else "/".join([target, *relative.split(os.sep)])
+                gfile.makedirs(destination)
+                for file_name in files:
+                    gfile.copy(os.path.join(folder, file_name), "/".join([destination, file_name]), overwrite=True)
+        return target
