@@ -98,65 +98,58 @@ def eval_preprocessing(model_path: str, image_size: int | None, crop_fraction: f
     return image_size, crop_fraction or (224 / 256 if image_size >= 128 else 1.0)
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Extract features once, run the protocols, return the results dict."""
-    import numpy as np
+def open_sources(args: argparse.Namespace, image_size: int) -> dict:
+    """The labelled train and test splits; every data problem stops here, before any feature extraction."""
+    from keras_carp.data import load_source
 
-    from keras_carp.data import eval_dataset, load_source
-    from keras_carp.evaluation import (
-        extract_labelled_features,
-        few_shot,
-        kmeans_scores,
-        linear_probe,
-        retrieval_map,
-        weighted_knn,
-    )
-
-    image_size, crop_fraction = eval_preprocessing(args.model, args.image_size, args.crop_fraction)
     try:
         sources = {split: load_source(args.dataset, split, args.data_dir, image_size=image_size)
                    for split in (args.train_split, args.test_split)}  # fmt: skip
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise SystemExit(f"carp-eval: {error}") from None
-    for split, source in sources.items():
+    for source in sources.values():
         if not source.has_labels:
             raise SystemExit(f"carp-eval: {source.name} has no labels; every protocol needs them.")
+    return sources
+
+
+def writable_output(args: argparse.Namespace) -> Path:
+    """The results file, its folder proven writable (without leaving a file behind)."""
     if args.output:
         output = Path(args.output)
     else:
         output = Path(args.model).parent / "eval.json" if args.model != "pixels" else Path("eval_pixels.json")
-    try:  # prove the output folder is writable before extracting anything, without leaving a file behind
+    try:
         output.parent.mkdir(parents=True, exist_ok=True)
         probe = output.parent / f".{output.name}.write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
         raise SystemExit(f"carp-eval: cannot write {output}: {error}") from None
-    encoder = load_encoder(args.model, args.encoder)
+    return output
+
+
+def extract_features(args, encoder, sources: dict, image_size: int, crop_fraction: float) -> dict:
+    """(features, labels) of the train and test splits, cached in ``--cache-dir`` when given."""
+    from keras_carp.data import eval_dataset
+    from keras_carp.evaluation import extract_labelled_features
 
     features = {}
     for role, split in (("train", args.train_split), ("test", args.test_split)):
-        cache = (
-            Path(args.cache_dir) / f"{args.dataset}-{split}-{image_size}.npz".replace("/", "_")
-            if args.cache_dir
-            else None
-        )
+        name = f"{args.dataset}-{split}-{image_size}.npz".replace("/", "_")
+        cache = Path(args.cache_dir) / name if args.cache_dir else None
         data = eval_dataset(sources[split], image_size, args.batch_size, crop_fraction=crop_fraction)
         print(f"features of {sources[split].name} ({sources[split].num_examples} images, {image_size} px)")
         features[role] = extract_labelled_features(encoder, data, progress=True, cache_path=cache)
-    (train, train_labels), (test, test_labels) = features["train"], features["test"]
-    num_classes = len(sources[args.train_split].class_names)
+    return features
 
-    results = {
-        "model": args.model,
-        "encoder": args.encoder,
-        "dataset": args.dataset,
-        "train_split": args.train_split,
-        "test_split": args.test_split,
-        "image_size": image_size,
-        "feature_dim": int(train.shape[1]),
-    }
-    timings = {}
+
+def run_protocols(args, features: dict, num_classes: int) -> tuple[dict, dict]:
+    """Every protocol of ``--protocols`` on the features; returns (results, seconds per protocol)."""
+    from keras_carp.evaluation import few_shot, kmeans_scores, linear_probe, retrieval_map, weighted_knn
+
+    (train, train_labels), (test, test_labels) = features["train"], features["test"]
+    results, timings = {}, {}
     for protocol in args.protocols:
         started = time.time()
         if protocol == "knn":
@@ -176,7 +169,29 @@ def evaluate(args: argparse.Namespace) -> dict:
         elif protocol == "retrieval":
             results["retrieval"] = retrieval_map(test, test_labels, train, train_labels)
         timings[protocol] = round(time.time() - started, 1)
-    results["seconds"] = timings
+    return results, timings
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Extract features once, run the protocols, write and return the results."""
+    import numpy as np
+
+    image_size, crop_fraction = eval_preprocessing(args.model, args.image_size, args.crop_fraction)
+    sources = open_sources(args, image_size)
+    output = writable_output(args)
+    encoder = load_encoder(args.model, args.encoder)
+    features = extract_features(args, encoder, sources, image_size, crop_fraction)
+    results = {
+        "model": args.model,
+        "encoder": args.encoder,
+        "dataset": args.dataset,
+        "train_split": args.train_split,
+        "test_split": args.test_split,
+        "image_size": image_size,
+        "feature_dim": int(features["train"][0].shape[1]),
+    }
+    protocols, timings = run_protocols(args, features, len(sources[args.train_split].class_names))
+    results.update(protocols, seconds=timings)
     output.write_text(json.dumps(results, indent=2, default=lambda x: np.asarray(x).tolist()))
     results["output"] = str(output)
     return results

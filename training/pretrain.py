@@ -23,15 +23,8 @@ import sys
 import types
 import typing
 
-from training.config import (
-    SECTIONS,
-    PretrainConfig,
-    available_presets,
-    canonical_preset_name,
-    field_section,
-    load_preset,
-)
-from training.run import RunRefused, run
+from training.config import SECTIONS, PretrainConfig, available_presets, load_preset
+from training.run import run
 
 __all__ = ["available_presets", "build_parser", "load_preset", "main", "parse_config", "run"]
 
@@ -175,11 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"summary and model.keras in {summary['output_dir']}")
     return 0
 
-
-# Kept for callers of earlier versions.
-canonical_preset_name = canonical_preset_name
-field_section = field_section
-RunRefused = RunRefused
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -342,5 +342,5 @@ def test_jax_backend_nn_holds_the_max_pool_a_benchmark_swaps():
         pytest.skip("a JAX-backend internal")
     nn = keras_internals.jax_backend_nn()
     assert callable(getattr(nn, "max_pool", None)), _changed("keras.src.backend.jax.nn.max_pool", "it is gone")
-    pooled = keras.ops.max_pool(keras.ops.reshape(keras.ops.arange(16.0), (1, 4, 4, 1)), 2)
+    pooled = keras.ops.max_pool(keras.ops.reshape(keras.ops.arange(16.0), (1, 4, 4, 1)), (2, 2), strides=(2, 2))
     assert keras.ops.convert_to_numpy(pooled).ravel().tolist() == [5.0, 7.0, 13.0, 15.0]
