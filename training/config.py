@@ -67,7 +67,7 @@ def _probability(section: Any, *names: str) -> None:
 class DataConfig:
     """Where the images come from (see ``keras_carp.data.load_source``)."""
 
-    dataset: str = option("digits", "digits, fashion_mnist, a TFDS name (cifar10, imagenet2012...) or an image folder")
+    dataset: str = option("digits", "digits, fashion_mnist, folder (class subfolders under --data-dir), or a TFDS name")
     split: str = option("train", "split to pretrain on (TFDS split string or subfolder)")
     eval_split: str = option("test", "labelled split for the k-NN queries ('' to skip k-NN)")
     data_dir: str | None = option(None, "TFDS data_dir, image folder, or Fashion-MNIST IDX folder", resumable=True)
@@ -339,6 +339,13 @@ class PretrainConfig:
         if key not in where:
             raise KeyError(key)
         return getattr(getattr(self, where[key]), key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Flat read access with a default, as on the dict earlier versions returned."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def training_fields(self) -> dict:
         """The flat fields that define what is trained (a resumed run must keep them)."""

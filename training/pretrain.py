@@ -78,7 +78,7 @@ def build_parser(preset: PretrainConfig) -> argparse.ArgumentParser:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     for name, section in SECTIONS.items():
-        group = parser.add_argument_group(name, section.__doc__.splitlines()[0])
+        group = parser.add_argument_group(name, section.__doc__.splitlines()[0].replace("``", ""))
         hints = typing.get_type_hints(section)
         values = getattr(preset, name)
         for spec in dataclasses.fields(section):
@@ -131,6 +131,7 @@ def quiet_startup_logs() -> None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # e.g. "Assets written to" on every export
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()

@@ -177,3 +177,16 @@ def test_every_preset_builds_its_views_head_and_schedule(preset):
     keras_carp.WarmupCosineDecay(optimizer.base_learning_rate, optimizer.batch_size, total_steps=1000,
                                  warmup_steps=round(optimizer.warmup_epochs * 10),
                                  min_learning_rate=optimizer.min_learning_rate)  # fmt: skip
+
+
+def test_block_size_goes_from_its_flag_to_the_loss_the_model_trains_with():
+    """--block-size -> ModelConfig.block_size -> CARP(block_size=) -> CARPLoss(block_size) in the train step."""
+    from keras_carp.distribute import setup_distribution
+    from training.run import Data, build_model
+
+    config = pretrain.parse_config(["--block-size", "64", "--num-prototypes", "256", "--hidden-dim", "32",
+                                    "--bottleneck-dim", "16"])  # fmt: skip
+    assert config.model.block_size == 64 and config.to_dict()["model"]["block_size"] == 64
+    model = build_model(config, Data(None, None, 10, 100, 5), setup_distribution("none"))
+    assert model.block_size == 64 and model.carp_loss.block_size == 64
+    assert model.student_head.num_prototypes == 256
