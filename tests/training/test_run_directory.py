@@ -72,3 +72,21 @@ def test_a_run_refused_for_its_data_leaves_no_directory(tmp_path):
     with pytest.raises(SystemExit, match="carp-pretrain: Unknown TFDS dataset"):
         run(config)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bucket_path_goes_through_tf_io_gfile():
+    """TensorFlow's ram:// filesystem stands in for gs://: paths are joined with '/', files written atomically."""
+    import tensorflow as tf
+
+    run_dir = RunDirectory("ram://bucket/runs/one").create()
+    assert run_dir.remote and run_dir.join("checkpoints", "a.json") == "ram://bucket/runs/one/checkpoints/a.json"
+    run_dir.write_json("config.json", {"model": {"block_size": 64}})
+    assert run_dir.exists("config.json") and run_dir.read_json("config.json") == {"model": {"block_size": 64}}
+    with tf.io.gfile.GFile(run_dir.join("training_log.csv"), "w") as handle:
+        handle.write("epoch,loss\n0,1.0\n1,0.9\n")
+    run_dir.truncate_csv_log(1)
+    assert run_dir.read_text("training_log.csv") == "epoch,loss\n0,1.0\n"
+    refused = RunDirectory("ram://bucket/runs/refused").create()
+    with pytest.raises(ValueError), refused.removed_if_refused():
+        raise ValueError("refused")
+    assert not tf.io.gfile.exists("ram://bucket/runs/refused")
