@@ -122,9 +122,10 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
 def quiet_startup_logs() -> None:
     """Start-up without TensorFlow's C++ banner lines; warnings and errors still show.
 
-    TensorFlow writes its start-up lines (oneDNN, CUDA stubs) before its logging
-    is configured, so no setting silences them: they are held back while it is
-    imported, and shown if the import fails.
+    TensorFlow writes its start-up lines (oneDNN, CUDA stubs, the CUDA probe of
+    a host without a GPU) before its logging is configured, so no setting
+    silences them: they are held back while it is imported and looks for GPUs,
+    and shown if that fails.
     """
     import os
     import tempfile
@@ -139,7 +140,9 @@ def quiet_startup_logs() -> None:
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # CUDA's probe logs "failed call to cuInit" on CPU-only hosts
         except Exception:
             os.dup2(saved, 2)
             held.seek(0)
