@@ -133,6 +133,7 @@ def quiet_startup_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # e.g. "Assets written to" on every export
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
