@@ -221,6 +221,12 @@ class RunConfig:
         resumable=True,
     )
     tpu: str | None = option(None, "TPU name or grpc:// address (Cloud TPU VMs find their own)", resumable=True)
+    precision: str = option(
+        "auto",
+        "compute dtype: auto (mixed_bfloat16 on TPUs, float32 elsewhere), float32, mixed_bfloat16, or "
+        "mixed_float16 (with dynamic loss scaling); block probabilities and the loss stay float32",
+        ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+    )
 
     def __post_init__(self):
         for name in ("checkpoint_every_steps", "log_every_steps"):

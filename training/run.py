@@ -110,9 +110,20 @@ def setup_distribution(config: PretrainConfig):
         check_global_batch(config.optimizer.batch_size, distribution.replicas)
     except ValueError as error:
         raise RunRefused(str(error)) from None
-    if distribution.dtype_policy:
-        keras.config.set_dtype_policy(distribution.dtype_policy)
+    keras.config.set_dtype_policy(compute_dtype_policy(config, distribution))
     return distribution
+
+
+def compute_dtype_policy(config: PretrainConfig, distribution) -> str:
+    """``--precision``, or for ``auto`` the devices' choice (bfloat16 on TPUs) else float32.
+
+    Under ``mixed_float16`` Keras' ``compile`` wraps the optimizer in a
+    ``LossScaleOptimizer`` (dynamic loss scaling); the train step scales the
+    loss through ``optimizer.scale_loss`` on every backend.
+    """
+    if config.run.precision != "auto":
+        return config.run.precision
+    return distribution.dtype_policy or "float32"
 
 
 def build_model(config: PretrainConfig, data: Data, distribution):
@@ -429,6 +440,7 @@ def summarize(
         "dataset": data.train.name,
         "backend": keras.backend.backend(),
         "distribution": prepared.distribution.description,
+        "precision": prepared.model.dtype_policy.name,
         "train_images": data.train.num_examples,
         "skipped_images": data.train.skipped.count,
         "steps": data.total_steps,

@@ -190,3 +190,40 @@ def test_block_size_goes_from_its_flag_to_the_loss_the_model_trains_with():
     model = build_model(config, Data(None, None, 10, 100, 5), setup_distribution("none"))
     assert model.block_size == 64 and model.carp_loss.block_size == 64
     assert model.student_head.num_prototypes == 256
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16", "float32"])
+def test_precision_sets_the_compute_dtype_and_float16_scales_the_loss(precision):
+    """--precision on any device: float16 gets Keras' dynamic loss scaling; the loss stays float32."""
+    import keras
+
+    from keras_carp.distribute import setup_distribution
+    from tests.conftest import random_views
+    from training.run import Data, build_model, compute_dtype_policy
+    from training.run import setup_distribution as setup_run_devices
+
+    config = pretrain.parse_config(["--precision", precision, "--num-prototypes", "256", "--block-size", "64",
+                                    "--hidden-dim", "32", "--bottleneck-dim", "16"])  # fmt: skip
+    assert compute_dtype_policy(config, setup_distribution("none")) == precision
+    try:
+        model = build_model(config, Data(None, None, 10, 100, 0), setup_run_devices(config))
+        assert model.dtype_policy.name == precision and model.student_head.compute_dtype == precision.split("_")[-1]
+        scaled = type(model.optimizer).__name__ == "LossScaleOptimizer"
+        assert scaled == (precision == "mixed_float16")
+        logs = model.compute_carp_losses(random_views(batch=4), 0)
+        assert keras.backend.standardize_dtype(logs["loss"].dtype) == "float32"
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def test_auto_precision_is_the_devices_choice():
+    from types import SimpleNamespace
+
+    from training.run import compute_dtype_policy
+
+    config = pretrain.parse_config([])
+    assert config.run.precision == "auto"
+    assert compute_dtype_policy(config, SimpleNamespace(dtype_policy="mixed_bfloat16")) == "mixed_bfloat16"  # TPU
+    assert compute_dtype_policy(config, SimpleNamespace(dtype_policy=None)) == "float32"
+    with pytest.raises(SystemExit):
+        pretrain.parse_config(["--precision", "float16"])
