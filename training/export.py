@@ -38,7 +38,7 @@ def serving_preprocessing(args: argparse.Namespace, model_path: str):
     """A ``ServingPreprocessing`` from the command line (run defaults as carp-eval's)."""
     from keras_carp.export import ServingPreprocessing
     from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
-    from training.evaluate import eval_preprocessing
+    from training.evaluation import eval_preprocessing
 
     image_size, crop_fraction = eval_preprocessing(model_path, args.image_size, args.crop_fraction)
     return ServingPreprocessing(

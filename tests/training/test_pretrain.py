@@ -138,11 +138,11 @@ def test_carp_eval_loads_an_exported_savedmodel_encoder(tmp_path):
     import keras
 
     from keras_carp import build_encoder
-    from training import evaluate
+    from training import evaluation
 
     encoder = build_encoder("resnet_tiny")
     encoder.export(str(tmp_path / "encoder"), verbose=False)
-    loaded = evaluate.load_encoder(str(tmp_path / "encoder"))
+    loaded = evaluation.load_encoder(str(tmp_path / "encoder"))
     images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(encoder(images, training=False))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images)), expected, atol=1e-5)
@@ -151,7 +151,7 @@ def test_carp_eval_loads_an_exported_savedmodel_encoder(tmp_path):
 def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path, capsys):
     import keras
 
-    from training import evaluate, export
+    from training import evaluation, export
 
     run = tmp_path / "run"
     assert pretrain.main(TINY + ["--output-dir", str(run), "--knn-every", "0"]) == 0
@@ -159,7 +159,7 @@ def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path
     assert "teacher encoder, 128-d features, outputs ['features', 'assignments'], centre crop 16 px" in (
         capsys.readouterr().out
     )  # image size from the run's config.json
-    served = evaluate.load_encoder(str(tmp_path / "encoder"))  # the serve_normalized endpoint
+    served = evaluation.load_encoder(str(tmp_path / "encoder"))  # the serve_normalized endpoint
     model = keras.saving.load_model(run / "model.keras", compile=False)
     images = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(model.teacher_encoder(images, training=False))
