@@ -133,15 +133,40 @@ class StepTensorBoard(keras.callbacks.TensorBoard):
 
 
 class RunCSVLogger(keras.callbacks.CSVLogger):
-    """Keras' ``CSVLogger`` that also works on ``gs://`` paths.
+    """Keras' ``CSVLogger`` for run directories: only the logged columns, ``gs://`` paths, appending.
 
-    Keras opens remote paths with ``tf.io.gfile.GFile``, which has no
-    ``closed`` attribute, and then fails at the end of ``fit``; this closes
-    the file without asking.
+    - Keras adds an empty ``val_<name>`` column for every metric when a run has
+      no validation data; here the columns are the logged values only.
+    - Appending to a file that has a header (a resumed run) keeps that
+      header's columns, so rows stay aligned with it.
+    - Keras opens remote paths with ``tf.io.gfile.GFile``, which has no
+      ``closed`` attribute, and then fails at the end of ``fit``; this closes
+      the file without asking.
     """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.keys is None:
+            header = _csv_header(self.filename) if self.append else []
+            self.keys = [key for key in header if key != "epoch"] or sorted(logs or {})
+        super().on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None):
         keras_internals.close_csv_logger(self)
+
+
+def _csv_header(path: str) -> list[str]:
+    """The column names of an existing CSV file ([] if there is none)."""
+    if "://" in path:
+        import tensorflow as tf
+
+        exists, opener = tf.io.gfile.exists, tf.io.gfile.GFile
+    else:
+        exists, opener = os.path.exists, open
+    if not exists(path):
+        return []
+    with opener(path, "r") as handle:
+        line = handle.readline().strip()
+    return line.split(",") if line else []
 
 
 # --------------------------------------------------------------- checkpoints

@@ -48,3 +48,27 @@ def test_collapse_monitor_warns_when_every_probe_lands_on_one_prototype(caplog):
         monitor.on_epoch_end(0, logs)
     assert logs["largest_assignment_share"] == 1.0 and monitor.collapsed_epochs == [1]
     assert "COLLAPSE" in caplog.text
+
+
+def test_run_csv_logger_writes_only_logged_columns_and_appends_under_the_existing_header(tmp_path):
+    """No empty val_* columns without validation data; a resumed run's rows line up with the file's header."""
+    import csv
+
+    import keras_carp
+
+    path = tmp_path / "log.csv"
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((8, 2), "float32"), np.zeros((8, 1), "float32")
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[keras_carp.RunCSVLogger(str(path), append=True)])
+    model.fit(x, y, initial_epoch=2, epochs=3, verbose=0, callbacks=[keras_carp.RunCSVLogger(str(path), append=True)])
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["epoch", "loss"] and [r[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert all(len(r) == 2 and float(r[1]) >= 0 for r in rows[1:])
+
+    earlier = tmp_path / "earlier.csv"  # a file written by Keras' own CSVLogger, val_* columns included
+    earlier.write_text("epoch,loss,val_loss\n0,0.5,NA\n")
+    model.fit(x, y, initial_epoch=1, epochs=2, verbose=0,
+              callbacks=[keras_carp.RunCSVLogger(str(earlier), append=True)])  # fmt: skip
+    rows = list(csv.reader(earlier.open()))
+    assert rows[0] == ["epoch", "loss", "val_loss"] and rows[2][0] == "1" and rows[2][2] == "NA"
