@@ -289,6 +289,11 @@ def _build_section(name: str, values: dict) -> Any:
     return section(**kwargs)
 
 
+def resumable_fields() -> set[str]:
+    """Fields that may change when a run resumes (where and how it runs, not what it trains)."""
+    return {f.name for section in SECTIONS.values() for f in dataclasses.fields(section) if f.metadata["resumable"]}
+
+
 def field_section() -> dict[str, str]:
     """Every field name -> its section (field names are unique across sections: they are the flags)."""
     return {f.name: name for name, section in SECTIONS.items() for f in dataclasses.fields(section)}
@@ -355,8 +360,7 @@ class PretrainConfig:
 
     def training_fields(self) -> dict:
         """The flat fields that define what is trained (a resumed run must keep them)."""
-        resumable = {f.name for s in SECTIONS.values() for f in dataclasses.fields(s) if f.metadata["resumable"]}
-        return {key: value for key, value in self.flat().items() if key not in resumable}
+        return {key: value for key, value in self.flat().items() if key not in resumable_fields()}
 
 
 def available_presets() -> list[str]:
@@ -386,8 +390,7 @@ def flat_training_fields(saved: dict) -> dict:
     """The training fields of a saved ``config.json``, nested (this version) or flat (earlier versions)."""
     if any(name in saved for name in SECTIONS):
         saved = {key: value for name in SECTIONS for key, value in (saved.get(name) or {}).items()}
-    resumable = {f.name for s in SECTIONS.values() for f in dataclasses.fields(s) if f.metadata["resumable"]}
-    return {key: value for key, value in saved.items() if key in field_section() and key not in resumable}
+    return {key: value for key, value in saved.items() if key in field_section() and key not in resumable_fields()}
 
 
 def run_config_from_json(text: str) -> PretrainConfig:

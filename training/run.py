@@ -99,15 +99,15 @@ def warmup_steps(config: PretrainConfig, epoch_steps: int, total_steps: int) -> 
     return min(round(config.optimizer.warmup_epochs * epoch_steps), total_steps - 1)
 
 
-def setup_distribution(config: PretrainConfig):
+def setup_devices(config: PretrainConfig):
     """The devices the run uses (``keras_carp.distribute``) and the compute dtype policy they call for."""
     import keras
 
-    from keras_carp.distribute import check_global_batch, setup_distribution
+    from keras_carp import distribute
 
     try:
-        distribution = setup_distribution(config.run.strategy, config.run.tpu)
-        check_global_batch(config.optimizer.batch_size, distribution.replicas)
+        distribution = distribute.setup_distribution(config.run.strategy, config.run.tpu)
+        distribute.check_global_batch(config.optimizer.batch_size, distribution.replicas)
     except ValueError as error:
         raise RunRefused(str(error)) from None
     keras.config.set_dtype_policy(compute_dtype_policy(config, distribution))
@@ -379,7 +379,7 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
             f"{checkpoint.path} was written with {checkpoint.steps_per_epoch} steps per epoch, this "
             f"dataset gives {data.steps_per_epoch}; the data changed. Choose a new --output-dir."
         )
-    distribution = setup_distribution(config)
+    distribution = setup_devices(config)
     report_devices(config, data, distribution)
     pipeline, dataset_for = training_datasets(config, data, augmentation, distribution)
     first_start = checkpoint.step if checkpoint is not None and checkpoint.step < data.total_steps else 0

@@ -199,14 +199,13 @@ def test_precision_sets_the_compute_dtype_and_float16_scales_the_loss(precision)
 
     from keras_carp.distribute import setup_distribution
     from tests.conftest import random_views
-    from training.run import Data, build_model, compute_dtype_policy
-    from training.run import setup_distribution as setup_run_devices
+    from training.run import Data, build_model, compute_dtype_policy, setup_devices
 
     config = pretrain.parse_config(["--precision", precision, "--num-prototypes", "256", "--block-size", "64",
                                     "--hidden-dim", "32", "--bottleneck-dim", "16"])  # fmt: skip
     assert compute_dtype_policy(config, setup_distribution("none")) == precision
     try:
-        model = build_model(config, Data(None, None, 10, 100, 0), setup_run_devices(config))
+        model = build_model(config, Data(None, None, 10, 100, 0), setup_devices(config))
         assert model.dtype_policy.name == precision and model.student_head.compute_dtype == precision.split("_")[-1]
         scaled = type(model.optimizer).__name__ == "LossScaleOptimizer"
         assert scaled == (precision == "mixed_float16")
