@@ -469,17 +469,24 @@ def run(config: PretrainConfig | dict) -> dict:
     """Pretrain (resuming from the run directory's newest checkpoint), evaluate, save, export; returns the summary.
 
     Raises ``RunRefused`` (a ``SystemExit``) with the reason when the run cannot start or go on; a run refused
-    before it wrote anything leaves no directory behind.
+    before it wrote anything leaves no directory behind. Keras' global dtype policy, which ``--precision``
+    sets for the run's model, is restored afterwards (models built later in the process are not affected).
     """
+    import keras
+
     config = as_config(config)
     config = config.replace(output_dir=config.run.output_dir or f"runs/{config.preset}")
     try:
         run_dir = RunDirectory(config.run.output_dir).create()
     except OSError as error:
         raise RunRefused(str(error)) from None
-    with run_dir.removed_if_refused():
-        prepared = prepare(config, run_dir)
-    return train_evaluate_save(prepared)
+    policy = keras.config.dtype_policy()
+    try:
+        with run_dir.removed_if_refused():
+            prepared = prepare(config, run_dir)
+        return train_evaluate_save(prepared)
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 def as_config(config: PretrainConfig | dict) -> PretrainConfig:

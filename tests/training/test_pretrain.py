@@ -229,8 +229,11 @@ def test_carp_visualize_draws_prototype_groups_and_curves(tmp_path, capsys):
 
 
 def test_carp_pretrain_trains_in_float16_with_loss_scaling(tmp_path):
+    import keras
+
     out = tmp_path / "fp16"
     assert pretrain.main(TINY + ["--output-dir", str(out), "--precision", "mixed_float16", "--knn-every", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "mixed_float16" and np.isfinite(summary["final_loss"])
     assert json.loads((out / "config.json").read_text())["run"]["precision"] == "mixed_float16"
+    assert keras.config.dtype_policy().name == "float32"  # the run's policy does not outlive it
