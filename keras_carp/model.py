@@ -174,11 +174,10 @@ class CARP(keras.Model):
         keras_internals.set_untracked_attribute(self, "ema_pairs", pairs)
 
         self.trackers = [keras.metrics.Mean(name=name) for name in TRACKED]
-        schedule = teacher_momentum_schedule if teacher_momentum_schedule is not None else TeacherMomentumSchedule()
-        if not isinstance(schedule, TeacherMomentumSchedule):
-            raise TypeError(f"teacher_momentum_schedule must be a TeacherMomentumSchedule, got {schedule!r}.")
-        self._teacher_momentum_schedule = schedule  # as given
-        self._resolved_teacher_momentum_schedule = schedule  # what the compiled train step uses
+        self._resolved_teacher_momentum_schedule = None  # what the compiled train step uses (set by the setter)
+        self.teacher_momentum_schedule = (
+            TeacherMomentumSchedule() if teacher_momentum_schedule is None else teacher_momentum_schedule
+        )
         self.built = True
 
     def _batch_norm_layers(self) -> list:

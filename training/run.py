@@ -23,11 +23,12 @@ LOG = logging.getLogger("keras_carp")
 class RunRefused(SystemExit):
     """The run cannot start (or go on) as configured; the message says why and what to do.
 
-    A ``SystemExit``: the command line prints the message and exits with status 1.
+    A ``SystemExit``: the command line prints the message and exits with status 1. ``after_progress_bar``
+    starts it on a new line (a stop during ``fit``).
     """
 
-    def __init__(self, message: str):
-        super().__init__(f"carp-pretrain: {message.lstrip()}" if not message.startswith("\n") else message)
+    def __init__(self, message: str, after_progress_bar: bool = False):
+        super().__init__(("\n" if after_progress_bar else "") + f"carp-pretrain: {message}")
 
 
 @dataclasses.dataclass
@@ -300,8 +301,9 @@ def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list) -> list[flo
             losses += history.history["loss"]
     except NonFiniteLossError as error:
         raise RunRefused(
-            f"\ncarp-pretrain: {error} Lower --base-learning-rate or check the data, then rerun the same command to "
-            "continue from that checkpoint."
+            f"{error} Lower --base-learning-rate or check the data, then rerun the same command to continue from "
+            "that checkpoint.",
+            after_progress_bar=True,
         ) from None
     except OSError as error:  # e.g. the disk filled up while writing a checkpoint
         raise RunRefused(str(error)) from None
