@@ -14,12 +14,14 @@ Benchmarks (each appends one JSON record per measured configuration to ``bench/r
 - ``logits_formulation``: gathering logit columns against permuting the prototype rows (TensorFlow, XLA);
 - ``teacher_ema``: the per-step cost of the teacher EMA inside the compiled step;
 - ``cpu_settings``: the step's compile settings on a CPU (XLA or not, per backend), in fresh processes;
-- ``fit_pipeline``: ``fit`` fed by the tf.data multi-crop pipeline, beside the pipeline and the step alone;
+- ``fit_pipeline``: ``fit`` with the views made on the host (tf.data) or the device, beside the input and the step;
+- ``device_views``: the views alone, ``DeviceMultiCrop`` compiled on the active backend;
 - ``input_pipeline``: images/s (and per core) of ``keras_carp.data.multicrop_dataset``;
 - ``export_and_convert``: converting a released-layout checkpoint, saving, exporting and serving it.
 
 Shared modules: ``results`` (the record schema, machine description, writing and reading records),
 ``report`` (``python -m bench.report`` writes docs/benchmarks.md from bench/results/*.jsonl),
-``released_layout`` (a random checkpoint in the released PyTorch layout). ``bash bench/gpu_tables.sh`` runs the
-GPU tables on a machine with an NVIDIA GPU.
+``released_layout`` (a random checkpoint in the released PyTorch layout), ``images`` (real JPEGs at ImageNet-like
+sizes). ``bash bench/gpu_tables.sh`` runs the GPU tables on a machine with an NVIDIA GPU, ``bash bench/gpu_fit.sh``
+the fit, Fashion-MNIST and remaining runs there (no TensorFlow needed).
 """

@@ -30,7 +30,9 @@ DESCRIPTIONS = {
     "fused one that was tried and not kept.",
     "cost_growth": "How the step and the partition + loss (permutation, float32 block softmax, consistency + entropy, "
     "forward and backward) grow with K, N_B, the local crops and the batch; each variable varied alone.",
-    "fit_pipeline": "`fit` fed by the tf.data multi-crop pipeline, beside the pipeline alone and the step alone.",
+    "fit_pipeline": "`fit` with the views made on the host (tf.data) or on the device (`DeviceMultiCrop` in the "
+    "step), on real JPEGs, beside the input alone, the step alone and the plain step on device-resident crops.",
+    "device_views": "The views alone: `DeviceMultiCrop` compiled on the backend, one batch of stretched uint8 images.",
     "input_pipeline": "images/s of `keras_carp.data.multicrop_dataset` (median of interleaved rounds).",
     "cpu_settings": "The step's compile settings on a CPU, each in a fresh process (`CARP.compile(jit_compile=...)`).",
     "head_change": "The released step (head once on all crops, teacher update before the optimizer step, torchvision "

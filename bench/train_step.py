@@ -68,6 +68,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
         parser.add_argument(f"--{name}", type=kind, default=defaults.get(name.replace("-", "_")), choices=choices)
 
 
+def time_steps(step, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones, and the last loss.
+
+    Each call waits for its loss on the host, so a time covers the whole step.
+    """
+    import keras
+
+    wait = lambda logs: float(keras.ops.convert_to_numpy(logs["loss"]))  # noqa: E731
+    for _ in range(warmup):
+        wait(step())
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = wait(step())
+        times.append(time.perf_counter() - started)
+    return times, loss
+
+
 def keras_step_runner(model, data):
     """The compiled train function ``fit`` uses, called on one device-resident batch; returns step() -> logs."""
     import keras
@@ -89,8 +107,11 @@ def keras_step_runner(model, data):
     return lambda: model.train_function([data])
 
 
-def build_model(args):
-    """The compiled CARP model of one configuration (dtype policy, seed, LARS with the linear-scaled rate)."""
+def build_model(args, augmentation=None):
+    """The compiled CARP model of one configuration (dtype policy, seed, LARS with the linear-scaled rate).
+
+    ``augmentation``: a ``DeviceMultiCrop`` to make the views in the step.
+    """
     import keras
 
     import keras_carp
@@ -103,6 +124,7 @@ def build_model(args):
         block_size=args.block_size,
         batch_norm_moments=getattr(args, "batch_norm_moments", None) or "one_pass",
         teacher_momentum_schedule=keras_carp.TeacherMomentumSchedule(0.99, 1.0, total_steps=10**6),
+        augmentation=augmentation,
     )
     optimizer = keras_carp.LARS(0.45 * args.batch / 256)
     if args.precision == "float16":
@@ -123,15 +145,7 @@ def run_keras(args) -> dict:
     started = time.perf_counter()
     first_loss = float(model.train_on_batch(crops, return_dict=True)["loss"])  # builds, traces, compiles the step
     first = time.perf_counter() - started
-    step = keras_step_runner(model, (crops,))
-    wait = lambda logs: float(keras.ops.convert_to_numpy(logs["loss"]))  # noqa: E731
-    for _ in range(args.warmup):
-        wait(step())
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        loss = wait(step())
-        times.append(time.perf_counter() - started)
+    times, loss = time_steps(keras_step_runner(model, (crops,)), args.warmup, args.steps)
     if loss != loss:
         raise RuntimeError("the keras-carp step produced a NaN loss")
     median = statistics.median(times)

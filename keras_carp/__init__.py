@@ -19,11 +19,13 @@ from keras_carp.callbacks import (
     TeacherEMA,
 )
 from keras_carp.checkpoints import latest_checkpoint
+from keras_carp.device_augmentation import DeviceMultiCrop
 from keras_carp.heads import CARPHead
 from keras_carp.losses import CARPLoss, carp_loss, partition_probs, partitioned_carp_loss
 from keras_carp.model import CARP
 from keras_carp.optimizers import LARS
 from keras_carp.schedules import TeacherMomentumSchedule, WarmupCosineDecay
+from keras_carp.view_recipe import ViewRecipe
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,7 @@ __all__ = [
     "CARPHead",
     "CARPLoss",
     "CollapseMonitor",
+    "DeviceMultiCrop",
     "KNNMonitor",
     "LARS",
     "RunCSVLogger",
@@ -40,6 +43,7 @@ __all__ = [
     "StepTensorBoard",
     "TeacherEMA",
     "TeacherMomentumSchedule",
+    "ViewRecipe",
     "WarmupCosineDecay",
     "backbones",
     "build_encoder",

@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_carp import file_io
+
 logger = logging.getLogger("keras_carp.checkpoints")
 
 _NAME = re.compile(r"^step-(\d{9})\.json$")
 
 
 def _gfile():
-    import tensorflow as tf  # the file layer for local and gs:// paths alike
-
-    return tf.io.gfile
+    return file_io.gfile()  # tf.io.gfile (local and gs:// paths), or local files without TensorFlow
 
 
 def _is_local(path: str) -> bool:

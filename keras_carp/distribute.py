@@ -103,6 +103,25 @@ class Distribution:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
 
+def accelerator_kind() -> str:
+    """ "gpu", "tpu" or "cpu": the kind of the first device the active backend computes on."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform
+    if backend == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    import tensorflow as tf
+
+    for kind in ("tpu", "gpu"):
+        if tf.config.list_logical_devices(kind.upper()):
+            return kind
+    return "cpu"
+
+
 def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distribution:
     """Resolve a strategy name for the active backend.
 

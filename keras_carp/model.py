@@ -14,6 +14,7 @@ from keras import ops
 from keras_carp import backends, keras_internals
 from keras_carp.batch_norm import MOMENTS, batch_norm_layers, use_one_pass_moments
 from keras_carp.callbacks import TeacherEMA, TeacherMomentumRunLength
+from keras_carp.device_augmentation import DeviceMultiCrop
 from keras_carp.heads import CARPHead
 from keras_carp.losses import CARPLoss, check_partition
 from keras_carp.optimizers import accumulation_steps, base_optimizer
@@ -53,6 +54,20 @@ def views_from_data(data) -> list:
         if len(view.shape) != 4:
             raise ValueError(f"Crop {index} must be a batch of images [N, H, W, C], got shape {view.shape}.")
     return views
+
+
+def image_batch(data):
+    """``(images, image_sizes)`` when ``data`` is a batch of whole images for on-device views, else None.
+
+    Whole images come as ``{"images": ..., "image_sizes": ...}`` (sizes optional)
+    or one 4-D tensor, alone or followed by labels: ``x``, ``(x,)``, ``(x, y)``.
+    """
+    first = data[0] if isinstance(data, (tuple, list)) and data else data
+    if isinstance(first, dict):
+        return (first["images"], first.get("image_sizes")) if "images" in first else None
+    if isinstance(data, (tuple, list)) and (len(data) > 2 or (len(data) == 2 and len(data[1].shape) == 4)):
+        return None  # crops
+    return (first, None) if hasattr(first, "shape") and len(first.shape) == 4 else None
 
 
 def _resolution_groups(views: Sequence) -> list[list[int]]:
@@ -105,6 +120,11 @@ class CARP(keras.Model):
             activations (``keras_carp.batch_norm``: the ResNet-50 step takes
             8 % less time on an H200, with the same values up to float32
             rounding); "keras": Keras' two-pass statistics.
+        augmentation: a ``DeviceMultiCrop``: ``fit`` may then feed whole
+            uint8 images (``{"images", "image_sizes"}`` or an image tensor,
+            optionally with labels) and the train step makes their views on
+            the accelerator, keyed by (augmentation seed, step, image).
+            Batches of ready crops are still accepted.
         teacher_momentum_schedule: a ``TeacherMomentumSchedule`` (default
             ``TeacherMomentumSchedule()``: 0.99 to 1 over the run). Without
             ``total_steps``, every ``fit`` call resolves the length to its
@@ -114,7 +134,8 @@ class CARP(keras.Model):
             ``model.teacher_momentum_schedule``.
 
     Feed ``fit`` batches of ``(crop_0, crop_1, *local_crops)``, optionally as
-    ``((crops...), labels)``; labels never reach the loss. ``model(images)``
+    ``((crops...), labels)``, or whole images with ``augmentation``; labels
+    never reach the loss. ``model(images)``
     returns the teacher's features.
     """
 
@@ -128,6 +149,7 @@ class CARP(keras.Model):
         sync_batch_norm: bool | None = None,
         batch_norm_moments: str = "one_pass",
         teacher_momentum_schedule: TeacherMomentumSchedule | None = None,
+        augmentation: DeviceMultiCrop | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -139,6 +161,9 @@ class CARP(keras.Model):
             raise ValueError(f"batch_norm_moments must be one of {MOMENTS}, got {batch_norm_moments!r}.")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}.")
+        if augmentation is not None and not isinstance(augmentation, DeviceMultiCrop):
+            raise TypeError(f"augmentation must be a DeviceMultiCrop, got {augmentation!r}.")
+        self.augmentation = augmentation
         self.block_size = int(block_size)
         self.partition = partition
         self.seed = seed
@@ -199,6 +224,15 @@ class CARP(keras.Model):
             return sequential_permutation(self.num_prototypes)
         return random_permutation(self.num_prototypes, self.seed, step)
 
+    def views_of(self, data, step) -> list:
+        """The crops of a batch: made here from whole images (``augmentation``), or the batch's own."""
+        images = image_batch(data) if self.augmentation is not None else None
+        if images is None:
+            return views_from_data(data)
+        images, image_sizes = images
+        first_index = backends.replica_index() * ops.shape(images)[0]
+        return self.augmentation(images, step, image_sizes=image_sizes, first_index=first_index)
+
     def compute_carp_losses(self, data, step, training: bool = True, global_sum=None) -> dict:
         """Forward both networks on a batch of crops and return the loss terms.
 
@@ -206,7 +240,7 @@ class CARP(keras.Model):
         ``prototypes_used`` (distinct prototypes that are the teacher's argmax
         for some image: a collapse indicator).
         """
-        views = views_from_data(data)
+        views = self.views_of(data, step)
         permutation = self.partition_permutation(step)
         # The backbone runs once per resolution group; the head once on every crop's features together, so
         # its batch norm normalises all crops of the batch with one set of statistics (as released).
@@ -371,6 +405,7 @@ class CARP(keras.Model):
             "batch_norm_moments": self.batch_norm_moments,
             # The momentum schedule of the run in progress (total_steps resolved), so a loaded model resumes on it.
             "teacher_momentum_schedule": keras.saving.serialize_keras_object(self._resolved_teacher_momentum_schedule),
+            "augmentation": keras.saving.serialize_keras_object(self.augmentation),
         }
 
     @classmethod
@@ -384,4 +419,6 @@ class CARP(keras.Model):
             schedule = keras.saving.deserialize_keras_object(schedule)
         elif legacy is not None:
             schedule = TeacherMomentumSchedule.from_config(legacy)
+        if config.get("augmentation") is not None:
+            config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
         return cls(**config, teacher_momentum_schedule=schedule)

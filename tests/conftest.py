@@ -14,6 +14,9 @@ import keras_carp  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "core: backend-agnostic core tests, run under tensorflow, jax and torch")
     config.addinivalue_line(
+        "markers", "tensorflow_free: must pass where TensorFlow is not installed (CI runs them in such a virtualenv)"
+    )
+    config.addinivalue_line(
         "markers", "slow: the slow tier (CLI end to end, kill -9, notebooks, bench, distributed): pytest -m slow"
     )
 

@@ -30,6 +30,8 @@ def parse_args():
     parser.add_argument("--sync-batch-norm", choices=("auto", "off"), default="auto",
                         help="off: per-replica batch norm on TensorFlow (to show that it matters)")  # fmt: skip
     parser.add_argument("--save", default=None, help="save the distributed model to this .keras file")
+    parser.add_argument("--device-views", action="store_true",
+                        help="feed uint8 images; the model makes the views (DeviceMultiCrop) in the step")  # fmt: skip
     return parser.parse_args()
 
 
@@ -55,13 +57,17 @@ def main() -> None:
     images = args.batch * args.steps
     views = [rng.normal(size=(images, 16, 16, 3)).astype("float32") for _ in range(2)]
     views += [rng.normal(size=(images, 8, 8, 3)).astype("float32") for _ in range(2)]
+    whole_images = rng.integers(0, 256, size=(images, 20, 20, 3), dtype="uint8")
 
     def build():
         keras.utils.set_random_seed(0)
         encoder = keras_carp.build_encoder("resnet_tiny")
         head = keras_carp.CARPHead(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
         sync = False if args.sync_batch_norm == "off" else None
-        return keras_carp.CARP(encoder, head, block_size=16, seed=3, sync_batch_norm=sync)
+        augmentation = None
+        if args.device_views:  # each replica keys its images by their place in the global batch
+            augmentation = keras_carp.DeviceMultiCrop(global_size=16, local_size=8, num_local_crops=2, seed=5)
+        return keras_carp.CARP(encoder, head, block_size=16, seed=3, sync_batch_norm=sync, augmentation=augmentation)
 
     class StepLosses(keras.callbacks.Callback):
         """The running means Keras logs after every step (loss terms, prototypes used)."""
@@ -77,7 +83,8 @@ def main() -> None:
         schedule = keras_carp.WarmupCosineDecay(1.0, args.batch, total_steps=args.steps, min_learning_rate=0.5)
         model.compile(optimizer=keras_carp.LARS(schedule))
         losses = StepLosses()
-        model.fit(x=tuple(views), batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
+        data = whole_images if args.device_views else tuple(views)
+        model.fit(x=data, batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
                   callbacks=[keras_carp.TeacherEMA(0.9, 1.0), losses])  # fmt: skip
         return np.asarray(losses.steps)
 

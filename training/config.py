@@ -76,9 +76,22 @@ class DataConfig:
     download: bool = option(True, "let TFDS download and prepare the dataset", resumable=True)
     decode: str = option("once", "JPEG decoding per image or per crop", ("once", "crop"), resumable=True)
     cache: bool = option(False, "cache the encoded images in memory", resumable=True)
+    augment: str = option(
+        "auto",
+        "where the views are made: host (tf.data, on the CPU cores), device (keras.ops in the train step, on the "
+        "accelerator; the host only decodes), auto (device on GPUs and without TensorFlow, else host)",
+        ("auto", "host", "device"),
+        resumable=True,
+    )
+    device_image_size: int | None = option(
+        None,
+        "--augment device: encoded images are stretched to this square on the host before the device crops them "
+        "(default: 10/7 of --global-size, 320 for 224; in-memory arrays keep their size)",
+        resumable=True,
+    )
 
     def __post_init__(self):
-        _positive(self, "image_size")
+        _positive(self, "image_size", "device_image_size")
         _require(self.min_image_size is None or self.min_image_size >= 0, "min_image_size must be >= 0.")
 
 

@@ -119,6 +119,13 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     return config
 
 
+def _tensorflow_installed() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def quiet_startup_logs() -> None:
     """Start-up without TensorFlow's C++ banner lines; warnings and errors still show.
 
@@ -134,7 +141,7 @@ def quiet_startup_logs() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # e.g. "Assets written to" on every export
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
-    if "tensorflow" in sys.modules:
+    if "tensorflow" in sys.modules or not _tensorflow_installed():  # JAX/PyTorch machines may have none
         return
     sys.stderr.flush()
     saved = os.dup(2)
@@ -148,8 +155,7 @@ def quiet_startup_logs() -> None:
             os.dup2(saved, 2)
             held.seek(0)
             sys.stderr.write(held.read().decode(errors="replace"))
-            if importlib.util.find_spec("tensorflow") is not None:
-                raise
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -68,16 +68,53 @@ def _same(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def build_views(config: PretrainConfig):
-    """The multi-crop augmentation of the training images."""
+def resolve_augment(config: PretrainConfig) -> str:
+    """``--augment``, with ``auto`` resolved: on the device on GPUs and where TensorFlow is absent, else on the host.
+
+    On a CPU the host's tf.data recipe is faster than the same work inside the
+    step (``python -m bench.fit_pipeline``); a GPU computes the views far faster
+    than the CPU cores beside it can (about 48 images/s per core on the host).
+    """
+    from keras_carp.distribute import accelerator_kind
+
+    augment = config.data.augment
+    if augment == "host" and not tensorflow_available():
+        raise RunRefused("--augment host makes the views with tf.data, and TensorFlow is not installed: "
+                         "use --augment device (or install tensorflow).")  # fmt: skip
+    if augment != "auto":
+        return augment
+    return "device" if not tensorflow_available() or accelerator_kind() == "gpu" else "host"
+
+
+def tensorflow_available() -> bool:
+    from keras_carp.file_io import tensorflow_installed
+
+    return tensorflow_installed()
+
+
+def build_views(config: PretrainConfig, augment: str):
+    """The multi-crop recipe, made on the host (tf.data ``MultiCropAugmentation``) or in the train step."""
+    settings = dataclasses.asdict(config.views)
+    if augment == "device":
+        from keras_carp import DeviceMultiCrop
+
+        return DeviceMultiCrop(**settings, seed=config.run.seed)
     from keras_carp.data import MultiCropAugmentation
 
-    return MultiCropAugmentation(**dataclasses.asdict(config.views))
+    return MultiCropAugmentation(**settings)
+
+
+def device_image_size(config: PretrainConfig, source) -> int | None:
+    """The square images are stretched to for on-device views: ``--device-image-size``, else none for sources of
+    one image size (arrays, CIFAR-10), else 10/7 of the global crop."""
+    if config.data.device_image_size:
+        return config.data.device_image_size
+    return None if source.image_shape is not None else round(config.views.global_size * 10 / 7)
 
 
 def load_data(config: PretrainConfig) -> Data:
     """Open the sources and check them against the recipe; every data problem surfaces here."""
-    from keras_carp.data import load_source, steps_per_epoch
+    from keras_carp.data.sources import load_source, steps_per_epoch
 
     def source(split: str):
         data = config.data
@@ -90,6 +127,11 @@ def load_data(config: PretrainConfig) -> Data:
         evaluation = source(config.data.eval_split) if config.data.eval_split and train.has_labels else None
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise RunRefused(str(error)) from None
+    except ImportError as error:  # a TFDS dataset on a machine without TensorFlow
+        raise RunRefused(
+            f"--dataset {config.data.dataset} needs {error.name or 'TensorFlow'}, which is not "
+            "installed; use digits, fashion_mnist or folder, or install tensorflow."
+        ) from None
     epoch_steps = steps_per_epoch(train.num_examples, config.optimizer.batch_size)
     total_steps = epoch_steps * config.optimizer.epochs
     return Data(train, evaluation, epoch_steps, total_steps, warmup_steps(config, epoch_steps, total_steps))
@@ -127,8 +169,11 @@ def compute_dtype_policy(config: PretrainConfig, distribution) -> str:
     return distribution.dtype_policy or "float32"
 
 
-def build_model(config: PretrainConfig, data: Data, distribution):
-    """The compiled CARP model with its optimizer and schedules, built on every replica."""
+def build_model(config: PretrainConfig, data: Data, distribution, augmentation=None):
+    """The compiled CARP model with its optimizer and schedules, built on every replica.
+
+    ``augmentation``: a ``DeviceMultiCrop`` when the train step makes the views.
+    """
     import keras_carp
 
     model_config, optimizer_config, teacher = config.model, config.optimizer, config.teacher
@@ -151,6 +196,7 @@ def build_model(config: PretrainConfig, data: Data, distribution):
                 teacher_momentum_schedule=keras_carp.TeacherMomentumSchedule(
                     teacher.base_teacher_momentum, teacher.final_teacher_momentum, total_steps=data.total_steps
                 ),
+                augmentation=augmentation if isinstance(augmentation, keras_carp.DeviceMultiCrop) else None,
             )
             # Schedules run per batch, as released; the rate scales with the batch of one optimizer step.
             schedule = keras_carp.WarmupCosineDecay(
@@ -218,19 +264,28 @@ def plan_legs(start_step: int, data: Data, epochs: int) -> Legs:
     return Legs(start_step, calls)
 
 
+def eval_batches(source, config: PretrainConfig, batch_size: int = 256):
+    """Normalised centre crops of ``source`` in a fixed order: tf.data when TensorFlow is here, else Pillow."""
+    size, crop = config.views.global_size, config.evaluation.eval_crop_fraction
+    if tensorflow_available():
+        from keras_carp.data import eval_dataset
+
+        return eval_dataset(source, size, batch_size=batch_size, crop_fraction=crop)
+    from keras_carp.data import EvalBatches
+
+    return EvalBatches(source, size, batch_size=batch_size, crop_fraction=crop)
+
+
 class Evaluation:
     """Weighted k-NN of an encoder: the training split as the bank, the evaluation split as queries."""
 
     def __init__(self, config: PretrainConfig, data: Data):
-        from keras_carp.data import eval_dataset
-
         self.config = config.evaluation
         self.enabled = data.evaluation is not None
-        size, crop = config.views.global_size, config.evaluation.eval_crop_fraction
-        self.bank = eval_dataset(data.train, size, crop_fraction=crop) if self.enabled else None
-        self.queries = eval_dataset(data.evaluation, size, crop_fraction=crop) if self.enabled else None
+        self.bank = eval_batches(data.train, config) if self.enabled else None
+        self.queries = eval_batches(data.evaluation, config) if self.enabled else None
         self.num_classes = len(data.train.class_names) if self.enabled else None
-        self.probe_dataset = eval_dataset(data.train, size, batch_size=256, crop_fraction=crop).take(2)
+        self.probe_batches = eval_batches(data.train, config)
 
     @property
     def knn_settings(self) -> dict:
@@ -259,19 +314,28 @@ class Evaluation:
         monitors = []
         if self.enabled and self.config.knn_every > 0:
             monitors.append(KNNMonitor(self.bank, self.queries, self.config.knn_every, **self.knn_settings))
-        images = np.concatenate([b[0] if isinstance(b, tuple) else b for b in self.probe_dataset])
+        probe = [batch for batch, _ in zip(self.probe_batches, range(2))]  # the first 2 batches
+        images = np.concatenate([np.asarray(b[0] if isinstance(b, tuple) else b) for b in probe])
         return monitors + [CollapseMonitor(images)]
 
 
-def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, monitors: list, checkpoint) -> list:
-    """Skipped-image counts, monitors, CSV and TensorBoard logs, then checkpoints (last: a logged epoch is saved)."""
+def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, monitors: list, checkpoint,
+                    skipped=None) -> list:  # fmt: skip
+    """Skipped-image counts, monitors, CSV and TensorBoard logs, then checkpoints (last: a logged epoch is saved).
+
+    ``skipped``: what counts the undecodable images (default: the source's tf.data counters). TensorBoard's
+    event files are written with TensorFlow: without it, ``training_log.csv`` holds the same figures.
+    """
     from keras_carp import callbacks
 
+    loggers = [callbacks.RunCSVLogger(run_dir.join("training_log.csv"), append=True)]
+    if tensorflow_available():
+        frequency = config.run.log_every_steps or "epoch"
+        loggers.append(callbacks.StepTensorBoard(run_dir.join("logs"), update_freq=frequency))
     return [
-        callbacks.SkippedImagesLogger(data.train),
+        callbacks.SkippedImagesLogger(skipped or data.train),
         *monitors,  # before the loggers, which record what monitors add to the epoch logs
-        callbacks.RunCSVLogger(run_dir.join("training_log.csv"), append=True),
-        callbacks.StepTensorBoard(run_dir.join("logs"), update_freq=config.run.log_every_steps or "epoch"),
+        *loggers,
         callbacks.RunCheckpoint(
             run_dir.join("checkpoints"),
             data.steps_per_epoch,
@@ -310,19 +374,52 @@ def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list) -> list[flo
     return losses
 
 
+class LoaderSkips:
+    """The undecodable images the Pillow loaders of a run's ``fit`` calls skipped, for ``SkippedImagesLogger``."""
+
+    def __init__(self, source):
+        self.name = source.name
+        self.loaders: list = []
+
+    @property
+    def skipped(self) -> LoaderSkips:
+        return self
+
+    @property
+    def count(self) -> int:
+        return sum(loader.skipped for loader in self.loaders)
+
+
 def training_datasets(config: PretrainConfig, data: Data, augmentation, distribution):
-    """A function from a start step to the (distributed) dataset of the rest of the run."""
+    """A function from a start step to the (distributed) dataset of the rest of the run, and the skip counter.
+
+    Host views: tf.data batches of crops. Device views: batches of whole uint8
+    images (and their original sizes) that the train step crops, from tf.data
+    when TensorFlow is installed, else from the Pillow loader ``ImageBatches``.
+    """
+    from keras_carp import DeviceMultiCrop
+
+    on_device = isinstance(augmentation, DeviceMultiCrop)
+    image_size = device_image_size(config, data.train) if on_device else None
+    if on_device and not tensorflow_available():
+        return _pillow_datasets(config, data, image_size)
     from keras_carp.data import multicrop_dataset
+    from keras_carp.data.pipeline import WholeImages
+
+    host_work = WholeImages(image_size) if on_device else augmentation
+    min_image_size = config.data.min_image_size
+    if on_device and min_image_size is None:
+        min_image_size = config.views.global_size if data.train.encoded else 0
 
     def pipeline(start_step: int, input_context=None):
         return multicrop_dataset(
             data.train,
-            augmentation,
+            host_work,
             config.optimizer.batch_size,  # global; with an input context each host makes its replicas' share
             seed=config.run.seed,
             cache=config.data.cache,
             decode=config.data.decode,
-            min_image_size=config.data.min_image_size,
+            min_image_size=min_image_size,
             input_context=input_context,
             epochs=config.optimizer.epochs,
             start_step=start_step,
@@ -333,7 +430,30 @@ def training_datasets(config: PretrainConfig, data: Data, augmentation, distribu
             return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
         return pipeline(start_step)
 
-    return pipeline, dataset_for
+    return pipeline, dataset_for, data.train
+
+
+def _pillow_datasets(config: PretrainConfig, data: Data, image_size: int | None):
+    """``ImageBatches`` for a machine without TensorFlow: folders decoded by one thread per core (Pillow releases
+    the GIL; processes would be forks of a multithreaded JAX or PyTorch runtime), arrays as they are."""
+    import os
+
+    from keras_carp.data import ImageBatches
+    from keras_carp.data.sources import check_image_size
+
+    source = data.train
+    check_image_size(source, config.data.min_image_size or (config.views.global_size if source.encoded else 0))
+    skips = LoaderSkips(source)
+    workers = min(os.cpu_count() or 1, 16) if source.encoded else 1
+
+    def pipeline(start_step: int, input_context=None):
+        loader = ImageBatches(source, config.optimizer.batch_size, image_size=image_size,
+                              seed=config.run.seed, epochs=config.optimizer.epochs, start_step=start_step,
+                              workers=workers)  # fmt: skip
+        skips.loaders.append(loader)
+        return loader
+
+    return pipeline, pipeline, skips
 
 
 @dataclasses.dataclass
@@ -347,13 +467,18 @@ class Prepared:
     distribution: Any
     model: Any
     datasets: Any  # start step -> the (distributed) dataset of the rest of the run
+    skipped: Any  # counts the undecodable images skipped (``.skipped.count``, ``.name``)
 
 
-def report_devices(config: PretrainConfig, data: Data, distribution) -> None:
-    """One line on the devices and the batch; a warning if accumulation groups do not divide the run."""
+def report_devices(config: PretrainConfig, data: Data, distribution, augment: str = "host") -> None:
+    """One line on the devices, the batch and where the views are made; a warning if accumulation groups do not
+    divide the run."""
     accumulation = config.optimizer.gradient_accumulation_steps
     accumulated = f" x {accumulation} accumulated per optimizer step" if accumulation > 1 else ""
-    print(f"carp-pretrain: {distribution.description}, global batch {config.optimizer.batch_size}{accumulated}")
+    print(
+        f"carp-pretrain: {distribution.description}, global batch {config.optimizer.batch_size}{accumulated}, "
+        f"views made on the {augment}"
+    )
     if data.total_steps % accumulation:  # groups run across epoch boundaries; a last incomplete one is dropped
         LOG.warning(
             "%d batches is not a multiple of --gradient-accumulation-steps %d: the last %d batches' "
@@ -374,7 +499,6 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
     if checkpoint is not None and run_dir.exists("config.json"):
         check_same_run(run_dir, config)
     keras.utils.set_random_seed(config.run.seed)
-    augmentation = build_views(config)
     data = load_data(config)
     if checkpoint is not None and checkpoint.steps_per_epoch != data.steps_per_epoch:
         raise RunRefused(
@@ -382,21 +506,23 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
             f"dataset gives {data.steps_per_epoch}; the data changed. Choose a new --output-dir."
         )
     distribution = setup_devices(config)
-    report_devices(config, data, distribution)
-    pipeline, dataset_for = training_datasets(config, data, augmentation, distribution)
+    augment = resolve_augment(config)
+    augmentation = build_views(config, augment)
+    report_devices(config, data, distribution, augment)
+    pipeline, dataset_for, skipped = training_datasets(config, data, augmentation, distribution)
     first_start = checkpoint.step if checkpoint is not None and checkpoint.step < data.total_steps else 0
     try:  # builds the input pipeline: checks the images against the recipe before any training
         first_dataset = pipeline(first_start)
     except (ValueError, FileNotFoundError) as error:
         raise RunRefused(str(error)) from None
-    model = build_model(config, data, distribution)
+    model = build_model(config, data, distribution, augmentation)
     check_disk_space(model, run_dir, config)
     run_dir.write_json("config.json", config.to_dict())
 
     def datasets(start: int):
         return first_dataset if start == first_start and not distribution.per_host_input else dataset_for(start)
 
-    return Prepared(config, run_dir, checkpoint, data, distribution, model, datasets)
+    return Prepared(config, run_dir, checkpoint, data, distribution, model, datasets, skipped)
 
 
 def train_evaluate_save(prepared: Prepared) -> dict:
@@ -409,7 +535,7 @@ def train_evaluate_save(prepared: Prepared) -> dict:
     start_step = restore(model, prepared.checkpoint, run_dir, data, prepared.distribution)
     legs = plan_legs(start_step, data, config.optimizer.epochs)
     monitors = evaluation.monitors()
-    callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint)
+    callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint, prepared.skipped)
     started = time.time()
     losses = fit(model, prepared.datasets, legs, data, callbacks)
     seconds = time.time() - started
@@ -417,7 +543,12 @@ def train_evaluate_save(prepared: Prepared) -> dict:
     learned = knn_monitors[0].history.get(config.optimizer.epochs) if knn_monitors else None
     learned = learned or evaluation.knn(model.teacher_encoder)
     atomic_save_model(model, run_dir.join("model.keras"))
-    encoder_path = run_dir.export_encoder(model) if config.run.export else None
+    encoder_path = None
+    if config.run.export and tensorflow_available():
+        encoder_path = run_dir.export_encoder(model)
+    elif config.run.export:
+        LOG.warning("TensorFlow is not installed: no SavedModel encoder/ (model.keras holds the model; run "
+                    "carp-export on a machine with TensorFlow to write one).")  # fmt: skip
     summary = summarize(prepared, legs, seconds, losses, learned, random_init, evaluation, encoder_path)
     run_dir.write_json("summary.json", summary)
     return summary
@@ -443,8 +574,9 @@ def summarize(
         "backend": keras.backend.backend(),
         "distribution": prepared.distribution.description,
         "precision": prepared.model.dtype_policy.name,
+        "augment": "device" if prepared.model.augmentation is not None else "host",
         "train_images": data.train.num_examples,
-        "skipped_images": data.train.skipped.count,
+        "skipped_images": prepared.skipped.skipped.count,
         "steps": data.total_steps,
         "gradient_accumulation_steps": config.optimizer.gradient_accumulation_steps,
         "resumed_from_step": legs.start_step if prepared.checkpoint is not None else None,

@@ -12,7 +12,8 @@ Layout::
     summary.json         figures of the run
 
 TensorFlow's ``tf.io.gfile`` serves local paths and object stores alike; it is
-imported only when a run directory is used.
+imported only when a run directory is used. Without TensorFlow, local paths
+work through ``keras_carp.file_io.LocalFiles`` and ``encoder/`` is not written.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from collections.abc import Iterator
 
 
 def _gfile():
-    import tensorflow as tf
+    from keras_carp import file_io
 
-    return tf.io.gfile
+    return file_io.gfile()
 
 
 class RunDirectory:

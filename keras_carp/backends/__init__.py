@@ -85,6 +85,16 @@ def num_replicas() -> int:
     return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
+def replica_index():
+    """This replica's index in a TensorFlow strategy's step (0 elsewhere): which slice of the global batch it holds."""
+    if keras.backend.backend() != "tensorflow":
+        return 0
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else context.replica_id_in_sync_group
+
+
 def xla_by_default() -> bool:
     """Whether a compiled CARP step uses XLA when ``jit_compile="auto"``, by measurement (python -m bench.cpu_settings).
 

@@ -1,19 +1,25 @@
-"""Input pipelines (TensorFlow-only: tf.data, tf.image and TFDS).
+"""Input pipelines: tf.data (TensorFlow) and a TensorFlow-free ``keras.utils.PyDataset`` path.
 
-Datasets built here feed ``CARP.fit`` on every backend: Keras iterates tf.data
-on TensorFlow, JAX and PyTorch alike.
+- Sources (``ArraySource``, ``FolderSource``, ``load_digits``,
+  ``load_fashion_mnist``, ``scan_image_folder``...), the Pillow loaders
+  (``ImageBatches``, ``EvalBatches``), ``IMAGENET_MEAN``/``IMAGENET_STD`` and
+  ``SkippedImagesLogger`` import without TensorFlow, so JAX and PyTorch
+  machines without it can feed ``fit`` (the augmentation then runs on the
+  accelerator). ``TFDSSource`` imports TensorFlow when it is built.
+- The tf.data pipeline (``multicrop_dataset``, ``eval_dataset``,
+  ``classification_dataset``, ``center_crop``, ``decode_image``) and the TensorFlow augmentation
+  (``MultiCropAugmentation``, ``normalize``) load on first use (PEP 562
+  ``__getattr__``), so ``import keras_carp.data`` imports no TensorFlow.
+  Datasets built there feed ``CARP.fit`` on every backend: Keras iterates
+  tf.data on TensorFlow, JAX and PyTorch alike.
 """
 
-from keras_carp.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation, normalize
+from __future__ import annotations
+
+import importlib
+
 from keras_carp.data.callbacks import SkippedImagesLogger
-from keras_carp.data.pipeline import (
-    center_crop,
-    classification_dataset,
-    decode_image,
-    eval_dataset,
-    multicrop_dataset,
-    steps_per_epoch,
-)
+from keras_carp.data.python_loader import EvalBatches, ImageBatches
 from keras_carp.data.sources import (
     ArraySource,
     FolderSource,
@@ -23,13 +29,42 @@ from keras_carp.data.sources import (
     load_fashion_mnist,
     load_source,
     scan_image_folder,
+    steps_per_epoch,
 )
+from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+# Names whose modules import TensorFlow: loaded when first asked for.
+_LAZY = {
+    "MultiCropAugmentation": "keras_carp.data.augment",
+    "normalize": "keras_carp.data.augment",
+    "center_crop": "keras_carp.data.pipeline",
+    "classification_dataset": "keras_carp.data.pipeline",
+    "decode_image": "keras_carp.data.pipeline",
+    "eval_dataset": "keras_carp.data.pipeline",
+    "multicrop_dataset": "keras_carp.data.pipeline",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ArraySource",
+    "EvalBatches",
     "FolderSource",
+    "ImageBatches",
     "ImageSource",
     "MultiCropAugmentation",
     "SkippedImagesLogger",

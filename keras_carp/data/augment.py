@@ -1,10 +1,8 @@
-"""The CARP view generator (BYOL/DINO recipe) in TensorFlow ops, with stateless per-image seeds.
+"""The CARP view recipe (``keras_carp.view_recipe``) in TensorFlow ops for tf.data, with stateless per-image seeds.
 
-Global crops: random resized crop (scale 0.2-1.0, bicubic), flip p=0.5, colour
-jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
-sigma in [0.1, 2.0] with p=1.0 on view 1 and p=0.1 on view 2, solarisation p=0.2
-on view 2 only. Local crops: scale 0.05-0.2, same flip/jitter/grayscale, blur
-p=0.5. Then ImageNet normalisation. Images enter as float32 in [0, 1], [H, W, 3].
+Images enter as float32 in [0, 1], [H, W, 3]; each crop is resized, flipped,
+jittered, grayed, blurred and solarised with the recipe's probabilities, then
+ImageNet-normalised.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from keras_carp.view_recipe import ViewRecipe
 
 
 def normalize(images):
@@ -109,53 +108,14 @@ def _maybe(probability: float, seed, fn, image):
 
 @keras.saving.register_keras_serializable(package="keras_carp")
 @dataclasses.dataclass(frozen=True)
-class MultiCropAugmentation:
-    """CARP's views of one image: 2 global crops then ``num_local_crops`` local crops.
+class MultiCropAugmentation(ViewRecipe):
+    """CARP's views of one image on the host, in TensorFlow ops (tf.data): a ``ViewRecipe`` you can call.
 
     Sizes, counts and scale ranges are configurable (2x224 + 6x96 for ImageNet,
     2x32 for small images). Call with a float32 image in [0, 1] and a stateless
-    seed [2]; returns a tuple of normalised crops.
+    seed [2]; returns a tuple of normalised crops. ``keras_carp.DeviceMultiCrop``
+    makes the same views on the accelerator, batched.
     """
-
-    global_size: int = 224
-    local_size: int = 96
-    num_global_crops: int = 2
-    num_local_crops: int = 6
-    global_scale: tuple = (0.2, 1.0)
-    local_scale: tuple = (0.05, 0.2)
-    ratio: tuple = (3 / 4, 4 / 3)
-    blur_sigma: tuple = (0.1, 2.0)
-    blur_probability: tuple = (1.0, 0.1, 0.5)  # view 1, view 2, local crops
-    solarize_probability: float = 0.2  # view 2 only
-    jitter_probability: float = 0.8
-    grayscale_probability: float = 0.2
-    antialias: bool = True  # False: plain bicubic on downscale too (faster, aliased; not the reference recipe)
-
-    def __post_init__(self):
-        if self.num_global_crops != 2:
-            raise ValueError(
-                f"CARP uses exactly 2 global crops (the teacher's views), got num_global_crops={self.num_global_crops}."
-            )
-        if self.num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {self.num_local_crops}.")
-        for name in ("global_size", "local_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        for name in ("global_scale", "local_scale", "blur_sigma"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(low, high)}.")
-
-    def get_config(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_config(cls, config: dict) -> MultiCropAugmentation:
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in config.items()})
-
-    @property
-    def num_crops(self) -> int:
-        return self.num_global_crops + self.num_local_crops
 
     def _crop_seeds(self, seed):
         """One stateless seed per crop, then 10 per crop (window, flip, jitter x5, grayscale, sigma, blur)."""
@@ -163,15 +123,6 @@ class MultiCropAugmentation:
             tf.random.experimental.stateless_split(s, 10)
             for s in tf.unstack(tf.random.experimental.stateless_split(seed, self.num_crops))
         ]
-
-    def _crop_specs(self):
-        """(size, scale, blur probability, solarisation probability) of each crop in order."""
-        view_1, view_2, local_blur = self.blur_probability
-        specs = [
-            (self.global_size, self.global_scale, view_1, 0.0),
-            (self.global_size, self.global_scale, view_2, self.solarize_probability),
-        ]
-        return specs + [(self.local_size, self.local_scale, local_blur, 0.0)] * self.num_local_crops
 
     def finish_view(self, crop, seeds, size: int, blur_probability: float, solarize_probability: float):
         """Resize a cropped window, then flip, jitter, grayscale, blur, solarise and normalise it."""
@@ -191,7 +142,7 @@ class MultiCropAugmentation:
         image = to_float_image(image)
         shape = tf.shape(image)
         crops = []
-        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self._crop_specs()):
+        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self.crop_specs()):
             offset, window = crop_window(shape, scale, self.ratio, seeds[0])
             crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([window, [3]], 0))
             crops.append(self.finish_view(crop, seeds, size, blur, solarize))
@@ -201,7 +152,7 @@ class MultiCropAugmentation:
         """The same views as ``self(decode_jpeg(encoded), seed)``, decoding only each crop's window."""
         shape = tf.io.extract_jpeg_shape(encoded)
         crops = []
-        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self._crop_specs()):
+        for seeds, (size, scale, blur, solarize) in zip(self._crop_seeds(seed), self.crop_specs()):
             offset, window = crop_window(tf.concat([shape[:2], [3]], 0), scale, self.ratio, seeds[0])
             crop = tf.io.decode_and_crop_jpeg(encoded, tf.concat([offset, window], 0), channels=3)
             crops.append(self.finish_view(to_float_image(crop), seeds, size, blur, solarize))

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_carp.data.augment import MultiCropAugmentation, crop_window, normalize, resize_crop, to_float_image
-from keras_carp.data.sources import ArraySource, FolderSource, ImageSource
+from keras_carp.data.sources import ArraySource, ImageSource, check_image_size, steps_per_epoch
 
 logger = logging.getLogger("keras_carp.data")
 
@@ -49,25 +49,33 @@ def _as_source(images, labels) -> ImageSource:
     return ArraySource(images, labels)
 
 
-def check_image_size(source: ImageSource, min_image_size: int) -> None:
-    """Raise before training when the source's images are smaller than ``min_image_size`` pixels on a side."""
-    if min_image_size <= 0:
-        return
-    hint = (
-        f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0, "
-        f"or resize the images to at least {min_image_size} px."
-    )
-    if isinstance(source, FolderSource):
-        small = [(path, size) for path, size in zip(source.scan.files, source.scan.sizes) if min(size) < min_image_size]
-        if small:
-            examples = ", ".join(f"{path} ({w}x{h})" for path, (w, h) in small[:3])
-            raise ValueError(
-                f"{len(small)} of {source.num_examples} images in {source.name} are smaller than "
-                f"{min_image_size} px on a side, e.g. {examples}. {hint}"
-            )
-    elif source.image_shape is not None and min(source.image_shape) < min_image_size:
-        height, width = source.image_shape
-        raise ValueError(f"{source.name} images are {height}x{width}, smaller than {min_image_size} px. {hint}")
+class WholeImages:
+    """The host's part of on-device augmentation: each image whole, as uint8, and its original size.
+
+    Called like a ``MultiCropAugmentation`` (image, seed) inside
+    ``multicrop_dataset``; returns ``{"images": uint8 [S, S, 3], "image_sizes":
+    int32 [2]}``. With ``size`` the image is stretched to S x S (antialiased
+    bicubic) so batches have one shape; ``DeviceMultiCrop`` draws its windows
+    in the original geometry from ``image_sizes``. Without, images pass at
+    their own (fixed) size, as in-memory arrays are.
+    """
+
+    def __init__(self, size: int | None = None):
+        if size is not None and size <= 0:
+            raise ValueError(f"size must be positive, got {size}.")
+        self.size = size
+
+    def __call__(self, image, seed=None) -> dict:
+        image = tf.convert_to_tensor(image)
+        if image.shape.rank == 3 and image.shape[-1] == 1:
+            image = tf.tile(image, [1, 1, 3])
+        image_size = tf.shape(image)[:2]
+        if self.size is not None:
+            image = tf.image.resize(to_float_image(image), (self.size, self.size), "bicubic", antialias=True)
+            image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+        elif image.dtype != tf.uint8:
+            image = tf.cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 1.0) * 255.0), tf.uint8)
+        return {"images": image, "image_sizes": tf.cast(image_size, tf.int32)}
 
 
 def _views_of_record(source, augmentation: MultiCropAugmentation, decode: str, loaded: bool):
@@ -92,10 +100,10 @@ def _views_of_record(source, augmentation: MultiCropAugmentation, decode: str, l
                 )
             else:
                 crops = augmentation(decode_image(encoded), view_seed)
-            with tf.control_dependencies([tf.group(crops)]):
+            with tf.control_dependencies([tf.group(tf.nest.flatten(crops))]):
                 decoded = counter.decoded.assign_add(1)
             with tf.control_dependencies([decoded]):
-                crops = tuple(tf.identity(c) for c in crops)
+                crops = tf.nest.map_structure(tf.identity, crops)
         else:
             crops = augmentation(example["image"], view_seed)
         return (crops, example["label"]) if "label" in example else (crops,)
@@ -105,7 +113,7 @@ def _views_of_record(source, augmentation: MultiCropAugmentation, decode: str, l
 
 def multicrop_dataset(
     images,
-    augmentation: MultiCropAugmentation,
+    augmentation: MultiCropAugmentation | WholeImages,
     batch_size: int,
     labels=None,
     seed: int = 0,
@@ -124,7 +132,8 @@ def multicrop_dataset(
 
     Args:
         images: an ``ImageSource`` (folder, TFDS, arrays) or in-memory images [N, H, W, C].
-        augmentation: the view recipe; crops come out float32, ImageNet-normalised.
+        augmentation: the view recipe; crops come out float32, ImageNet-normalised. ``WholeImages``
+            instead yields each image whole (uint8) for ``CARP(augmentation=DeviceMultiCrop(...))``.
         batch_size: the global batch; with ``input_context`` each pipeline makes its per-replica share.
         labels: class labels for in-memory ``images``.
         seed: seeds the shuffle and every image's views.
@@ -144,7 +153,13 @@ def multicrop_dataset(
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
     source = _as_source(images, labels)
-    check_image_size(source, augmentation.global_size if min_image_size is None else min_image_size)
+    if isinstance(augmentation, WholeImages):
+        decode = "once"  # the whole image is wanted
+        if augmentation.size is None and source.image_shape is None:
+            raise ValueError(f"{source.name} has images of different sizes: give WholeImages a size to batch them.")
+    elif min_image_size is None:
+        min_image_size = augmentation.global_size
+    check_image_size(source, min_image_size or 0)
     local_batch = batch_size
     num_pipelines = 1
     if input_context is not None:
@@ -182,11 +197,6 @@ def multicrop_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, num_input_pipelines: int = 1) -> int:
-    """Full global batches per epoch; the same on every host when each reads its own shard."""
-    return (num_examples // num_input_pipelines) // (batch_size // num_input_pipelines)
 
 
 def _epochs_with_seeds(records, seed, shuffle, buffer, epochs, start_step, steps, local_batch, drop_remainder):

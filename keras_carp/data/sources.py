@@ -1,10 +1,16 @@
-"""Image sources for pretraining: in-memory arrays, image folders and TFDS datasets (TensorFlow-only).
+"""Image sources for pretraining: in-memory arrays, image folders and TFDS datasets.
 
 A source says what it holds (``num_examples``, ``class_names``, ``image_shape``)
 and yields small records that are cheap to shuffle and shard: an index, a file
 path, or an encoded image. ``load`` turns a record into a decoded image or the
 encoded bytes inside the parallel tf.data map (see ``keras_carp.data.pipeline``).
 Labels travel with the images for evaluation; the CARP loss never sees them.
+
+This module imports without TensorFlow: ``ArraySource``, ``FolderSource``,
+``load_digits``, ``load_fashion_mnist`` and ``scan_image_folder`` work on a
+JAX or PyTorch machine without it (``keras_carp.data.python_loader`` feeds
+them to ``fit``). Only the tf.data side (``records``, ``load``, the skip
+counters' variables) and ``TFDSSource`` import TensorFlow, when called.
 
 Bad input is found before training where it can be: unknown dataset names,
 missing files or folders, empty folders, images smaller than the crop.
@@ -21,10 +27,14 @@ import gzip
 import io
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 logger = logging.getLogger("keras_carp.data")
 
@@ -39,17 +49,46 @@ class SkippedImages:
     """Counts records that entered decoding and records that came out, so the difference is what was skipped.
 
     Both counters are int64 variables updated inside the tf.data graph; the
-    difference is exact once a pass over the data has finished.
+    difference is exact once a pass over the data has finished. The variables
+    are made when TensorFlow is already loaded, else on first use by a tf.data
+    pipeline, so that a source can be built (and ``count`` read: 0) without it.
     """
 
     def __init__(self):
-        with tf.init_scope():
-            self.entered = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_entered")
-            self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_decoded")
+        self._variables = None
+        if sys.modules.get("tensorflow") is not None:
+            self._make_variables()  # now, as before: outside any tf.function or strategy scope
+
+    def _make_variables(self) -> tuple:
+        if self._variables is None:
+            import tensorflow as tf
+
+            with tf.init_scope():
+                self._variables = (
+                    tf.Variable(0, dtype=tf.int64, trainable=False, name="records_entered"),
+                    tf.Variable(0, dtype=tf.int64, trainable=False, name="records_decoded"),
+                )
+        return self._variables
+
+    @property
+    def entered(self) -> tf.Variable:
+        return self._make_variables()[0]
+
+    @property
+    def decoded(self) -> tf.Variable:
+        return self._make_variables()[1]
 
     @property
     def count(self) -> int:
-        return int(self.entered.numpy() - self.decoded.numpy())
+        if self._variables is None:
+            return 0
+        entered, decoded = self._variables
+        return int(entered.numpy() - decoded.numpy())
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_input_pipelines: int = 1) -> int:
+    """Full global batches per epoch; the same on every host when each reads its own shard."""
+    return (num_examples // num_input_pipelines) // (batch_size // num_input_pipelines)
 
 
 class ImageSource:
@@ -122,9 +161,13 @@ class ArraySource(ImageSource):
         self.name = name
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        import tensorflow as tf
+
         return _shard(tf.data.Dataset.range(self.num_examples), input_context)
 
     def load(self, record) -> dict:
+        import tensorflow as tf
+
         # Gathering from a captured constant keeps the records small, so shuffling moves indices, not pixels.
         if not hasattr(self, "_images_tensor"):
             with tf.init_scope():
@@ -134,6 +177,34 @@ class ArraySource(ImageSource):
         if self._labels_tensor is not None:
             out["label"] = tf.gather(self._labels_tensor, record)
         return out
+
+
+def resize_bilinear(images, size: tuple[int, int]) -> np.ndarray:
+    """``tf.image.resize(images, size, "bilinear")`` in NumPy: float32 [..., H, W, C] -> [..., h, w, C].
+
+    Half-pixel centres, no antialiasing, float32 arithmetic in TensorFlow's
+    order (``ResizeBilinear``), so the built-in datasets load to the same
+    numbers with or without TensorFlow.
+    """
+    images = np.asarray(images, np.float32)
+
+    def taps(in_size: int, out_size: int):
+        scale = np.float32(in_size) / np.float32(out_size)
+        position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+        floor = np.floor(position)
+        lower = np.maximum(floor.astype(np.int64), 0)
+        upper = np.minimum(np.ceil(position).astype(np.int64), in_size - 1)
+        return lower, upper, (position - floor).astype(np.float32)
+
+    rows_low, rows_high, row_lerp = taps(images.shape[-3], size[0])
+    cols_low, cols_high, col_lerp = taps(images.shape[-2], size[1])
+
+    def across(rows: np.ndarray) -> np.ndarray:
+        left, right = rows[..., cols_low, :], rows[..., cols_high, :]
+        return left + (right - left) * col_lerp[:, None]
+
+    top, bottom = across(images[..., rows_low, :, :]), across(images[..., rows_high, :, :])
+    return top + (bottom - top) * row_lerp[:, None, None]
 
 
 def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0):
@@ -147,7 +218,7 @@ def load_digits(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0
 
     digits = sklearn_digits()
     images = (digits.images.astype("float32") / 16.0)[..., None]
-    images = tf.image.resize(images, (image_size, image_size), method="bilinear").numpy()
+    images = resize_bilinear(images, (image_size, image_size))
     images = np.repeat(np.clip(images, 0.0, 1.0), 3, axis=-1)
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
@@ -201,8 +272,11 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
         raise ValueError(f"Fashion-MNIST files disagree: images {images.shape}, labels {labels.shape}.")
     images = images[..., None]
     if image_size != images.shape[1]:
-        resized = tf.image.resize(images.astype("float32"), (image_size, image_size), method="bilinear")
-        images = np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+        size = (image_size, image_size)
+        images = np.concatenate([  # in chunks: float32 copies of 60 000 images would take gigabytes
+            np.clip(np.round(resize_bilinear(chunk, size)), 0, 255).astype(np.uint8)
+            for chunk in np.array_split(images, max(1, len(images) // 4096))
+        ])  # fmt: skip
     return images, labels.astype("int64")
 
 
@@ -324,6 +398,8 @@ class FolderSource(ImageSource):
         self.image_shape = shapes.pop() if len(shapes) == 1 else None
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        import tensorflow as tf
+
         converted_index = {path: i for i, path in enumerate(self.scan.converted)}
         columns = {
             "path": np.array(self.scan.files),
@@ -334,6 +410,8 @@ class FolderSource(ImageSource):
         return _shard(tf.data.Dataset.from_tensor_slices(columns), input_context)
 
     def load(self, record) -> dict:
+        import tensorflow as tf
+
         if not hasattr(self, "_converted_tensor"):
             with tf.init_scope():
                 self._converted_tensor = tf.constant(list(self.scan.converted.values()) or [b""], tf.string)
@@ -402,6 +480,7 @@ class TFDSSource(ImageSource):
     def __init__(self, name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
                  download: bool = True, manual_dir: str | os.PathLike | None = None):  # fmt: skip
         super().__init__()
+        import tensorflow as tf
         import tensorflow_datasets as tfds
 
         try:
@@ -465,6 +544,8 @@ class TFDSSource(ImageSource):
         return dataset.map(lambda example: {k: example[k] for k in keys})
 
     def load(self, record) -> dict:
+        import tensorflow as tf
+
         out = {"encoded": record[self.image_key]}
         if self.has_labels:
             out["label"] = tf.cast(record[self.label_key], tf.int64)
@@ -474,6 +555,27 @@ class TFDSSource(ImageSource):
 # ----------------------------------------------------------------------------- by name
 
 BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+
+
+def check_image_size(source: ImageSource, min_image_size: int) -> None:
+    """Raise before training when the source's images are smaller than ``min_image_size`` pixels on a side."""
+    if min_image_size <= 0:
+        return
+    hint = (
+        f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0, "
+        f"or resize the images to at least {min_image_size} px."
+    )
+    if isinstance(source, FolderSource):
+        small = [(path, size) for path, size in zip(source.scan.files, source.scan.sizes) if min(size) < min_image_size]
+        if small:
+            examples = ", ".join(f"{path} ({w}x{h})" for path, (w, h) in small[:3])
+            raise ValueError(
+                f"{len(small)} of {source.num_examples} images in {source.name} are smaller than "
+                f"{min_image_size} px on a side, e.g. {examples}. {hint}"
+            )
+    elif source.image_shape is not None and min(source.image_shape) < min_image_size:
+        height, width = source.image_shape
+        raise ValueError(f"{source.name} images are {height}x{width}, smaller than {min_image_size} px. {hint}")
 
 
 def load_source(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn import metrics
-from sklearn.cluster import KMeans
 
 from keras_carp.evaluation.knn import l2_normalize
 
@@ -16,6 +13,8 @@ def clustering_accuracy(labels: np.ndarray, assignments: np.ndarray) -> float:
     size = max(labels.max(), assignments.max()) + 1
     counts = np.zeros((size, size), "int64")
     np.add.at(counts, (assignments, labels), 1)
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(counts, maximize=True)
     return 100.0 * counts[rows, cols].sum() / len(labels)
 
@@ -29,6 +28,9 @@ def kmeans_scores(
     """
     labels = np.asarray(labels).astype(int)
     num_clusters = num_clusters or len(np.unique(labels))
+    from sklearn import metrics  # scikit-learn only where it is used (a GPU machine may lack it)
+    from sklearn.cluster import KMeans
+
     assignments = KMeans(num_clusters, n_init=n_init, random_state=seed).fit_predict(l2_normalize(features))
     return {
         "nmi": float(metrics.normalized_mutual_info_score(labels, assignments)),

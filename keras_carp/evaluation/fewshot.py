@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from keras_carp.evaluation.knn import l2_normalize
 
@@ -23,6 +22,8 @@ def few_shot(
     images per class (disjoint), fits a logistic regression on the L2-normalised
     support features and scores the queries.
     """
+    from sklearn.linear_model import LogisticRegression  # scikit-learn only where it is used
+
     labels = np.asarray(labels).astype(int)
     features = l2_normalize(features)
     classes, counts = np.unique(labels, return_counts=True)

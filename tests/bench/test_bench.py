@@ -19,7 +19,7 @@ from tests.conftest import require_optional
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ("train_step", "torch_baseline", "profile_step", "cost_growth", "loss_formulations",
-              "logits_formulation", "teacher_ema", "cpu_settings", "fit_pipeline", "input_pipeline",
+              "logits_formulation", "teacher_ema", "cpu_settings", "fit_pipeline", "device_views", "input_pipeline",
               "export_and_convert")  # fmt: skip
 TINY = ["--backbone", "resnet_tiny", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--k", "64",
         "--block-size", "16", "--hidden", "32", "--bottleneck", "16", "--batch", "4", "--steps", "3",
@@ -225,18 +225,35 @@ def test_cpu_settings_records_each_setting(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_pipeline_benchmark_reports_fit_pipeline_and_step(tmp_path):
+def test_fit_pipeline_benchmark_reports_fit_input_and_step_for_host_and_device_views(tmp_path):
     jpegs, store = tmp_path / "jpegs", tmp_path / "results"
     done = run_module("fit_pipeline", *TINY, "--num-images", "12", "--jpeg-dir", str(jpegs), "--json",
                       "--results-dir", str(store))  # fmt: skip
     assert len(list(jpegs.glob("*.jpg"))) == 12
-    figures = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    (record,) = records_of(store, "fit_pipeline")
-    assert record["figures"] == pytest.approx(figures) and record["config"]["num_images"] == 12
-    fit, pipeline, step = (figures[f"{name}_images_per_s"] for name in ("fit", "pipeline", "step"))
-    assert measured(fit) and measured(pipeline) and measured(step)
-    assert figures["cores_to_keep_step_busy"] == pytest.approx(step / (pipeline / figures["cores"]))
-    assert f"{fit / min(pipeline, step):9.2f}" in done.stdout  # the printed table
+    results = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    records = {record["config"]["augment"]: record for record in records_of(store, "fit_pipeline")}
+    assert set(records) == set(results) == {"host", "device"}
+    assert len({record["run"] for record in records.values()}) == 1  # one table
+    for augment, figures in results.items():
+        assert records[augment]["figures"] == pytest.approx(figures)
+        fit, source, step = (figures[f"{name}_images_per_s"] for name in ("fit", "pipeline", "step"))
+        assert measured(fit) and measured(source) and measured(step) and measured(figures["plain_step_images_per_s"])
+        assert figures["fit_over_plain_step"] == pytest.approx(fit / figures["plain_step_images_per_s"])
+        assert f"fit / plain step {figures['fit_over_plain_step']:.2f}" in done.stdout
+    assert records["device"]["config"]["device_image_size"] == round(16 * 10 / 7)
+
+    # Without TensorFlow's loader: Pillow in threads, device views only.
+    done = run_module("fit_pipeline", *TINY, "--num-images", "12", "--jpeg-dir", str(jpegs), "--augment", "device",
+                      "--loader", "pillow", "--workers", "2", "--no-record")  # fmt: skip
+    assert "input by pillow in 2 threads" in done.stdout
+
+
+@pytest.mark.slow
+def test_device_views_benchmark_records_images_per_second(tmp_path):
+    run_module("device_views", "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--image-size", "24",
+               "--batch", "4", "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path))  # fmt: skip
+    (record,) = records_of(tmp_path, "device_views")
+    assert record["config"]["image_size"] == 24 and measured(record["figures"]["images_per_s"])
 
 
 @pytest.mark.slow

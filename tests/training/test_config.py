@@ -167,7 +167,8 @@ def test_every_preset_builds_its_views_head_and_schedule(preset):
     from training.run import build_views
 
     c = schema.load_preset(preset)
-    assert build_views(c).num_crops == 2 + c.views.num_local_crops
+    for augment in ("host", "device"):
+        assert build_views(c, augment).num_crops == 2 + c.views.num_local_crops
     assert c.model.backbone in keras_carp.backbones.RESNET_CONFIGS
     model = c.model
     keras_carp.CARPHead(num_prototypes=model.num_prototypes, hidden_dim=model.hidden_dim,

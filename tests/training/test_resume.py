@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -15,6 +13,7 @@ import pytest
 import keras_carp
 from keras_carp.checkpoints import NonFiniteLossError, RunCheckpoint, atomic_save_model, latest_checkpoint
 from tests.conftest import random_views, tiny_model, to_numpy
+from tests.training.killed_runs import csv_rows, kill_one_run_finish_the_other
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, STEPS = 8, 4  # 4 steps per epoch
@@ -142,38 +141,12 @@ def _env():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT))
 
 
-def _csv_rows(path):
-    lines = Path(path).read_text().splitlines()
-    header = lines[0].split(",")
-    return [dict(zip(header, line.split(","))) for line in lines[1:]]
-
-
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_the_same_command_continues_as_if_nothing_happened(tmp_path):
     """The acceptance test: SIGKILL a run in its second epoch, rerun it, compare with an uninterrupted run."""
-    # The uninterrupted run goes alongside the one that gets killed: the two are independent processes.
-    full_errors = tmp_path / "full.stderr"
-    with open(full_errors, "w") as errors:
-        full = subprocess.Popen(_command(tmp_path / "full"), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=errors)  # fmt: skip
     out = tmp_path / "killed"
-    victim = None
-    try:
-        victim = subprocess.Popen(_command(out), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.time() + 600
-        while not (out / "checkpoints" / "step-000000006.json").exists():  # 1 step into epoch 2 of 3
-            assert victim.poll() is None and time.time() < deadline, "the run ended before its step-6 checkpoint"
-            time.sleep(0.01)
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        assert full.wait(timeout=600) == 0, full_errors.read_text()[-3000:]
-    finally:  # no process outlives the test; kill() is a no-op on one that has ended
-        for process in (full, victim):
-            if process is not None:
-                process.kill()
+    killed_at = kill_one_run_finish_the_other(_command, tmp_path / "full", out, _env())
     assert not (out / "summary.json").exists()
-    killed_at = latest_checkpoint(str(out / "checkpoints"))
     assert killed_at.step in (6, 9) and killed_at.step_in_epoch  # steps 6 and 9 are both mid-epoch
 
     again = subprocess.run(_command(out), env=_env(), cwd=ROOT, capture_output=True, text=True)
@@ -183,7 +156,7 @@ def test_kill_9_mid_epoch_then_the_same_command_continues_as_if_nothing_happened
     assert summary["resumed_from_step"] == killed_at.step
 
     # The loss curve continues as if nothing happened: every epoch's means, and the final weights.
-    expected, got = _csv_rows(tmp_path / "full" / "training_log.csv"), _csv_rows(out / "training_log.csv")
+    expected, got = csv_rows(tmp_path / "full" / "training_log.csv"), csv_rows(out / "training_log.csv")
     assert [row["epoch"] for row in got] == ["0", "1", "2"]
     for mine, theirs in zip(got, expected):
         for key in ("loss", "consistency", "entropy", "prototypes_used", "learning_rate", "teacher_momentum"):
