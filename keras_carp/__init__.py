@@ -8,7 +8,7 @@ import os as _os
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from keras_carp import backbones, callbacks, checkpoints, keras_internals, losses, optimizers, schedules
-from keras_carp.backbones import build_encoder
+from keras_carp.backbones import AnyResolutionViT, TokenPooling, build_encoder
 from keras_carp.callbacks import (
     CollapseMonitor,
     KNNMonitor,
@@ -21,6 +21,7 @@ from keras_carp.callbacks import (
 from keras_carp.checkpoints import latest_checkpoint
 from keras_carp.device_augmentation import DeviceMultiCrop
 from keras_carp.heads import CARPHead
+from keras_carp.hub_preset import export_keras_hub_preset
 from keras_carp.losses import CARPLoss, carp_loss, partition_probs, partitioned_carp_loss
 from keras_carp.model import CARP
 from keras_carp.optimizers import LARS
@@ -30,6 +31,7 @@ from keras_carp.view_recipe import ViewRecipe
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyResolutionViT",
     "CARP",
     "CARPHead",
     "CARPLoss",
@@ -43,12 +45,14 @@ __all__ = [
     "StepTensorBoard",
     "TeacherEMA",
     "TeacherMomentumSchedule",
+    "TokenPooling",
     "ViewRecipe",
     "WarmupCosineDecay",
     "backbones",
     "build_encoder",
     "callbacks",
     "checkpoints",
+    "export_keras_hub_preset",
     "carp_loss",
     "keras_internals",
     "latest_checkpoint",

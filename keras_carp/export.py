@@ -90,7 +90,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as error:
-        raise PermissionError(f"Cannot write the SavedModel under {parent}: {error}") from None
+        raise PermissionError(f"Cannot write {path.name} under {parent}: {error}") from None
     return path
 
 

@@ -124,7 +124,15 @@ class ViewsConfig:
 class ModelConfig:
     """Encoder, head and partition (``build_encoder``, ``CARPHead``, ``CARP``)."""
 
-    backbone: str = option("resnet50", "encoder (keras_carp.backbones: resnet18/34/50, small-image ResNets...)")
+    backbone: str = option(
+        "resnet50",
+        "encoder: a name in keras_carp.backbones.backbone_names() (ResNets, ViTs, ConvNeXt, EfficientNetV2) or a "
+        "KerasHub preset (name, handle or local directory)",
+    )
+    token_pooling: str = option(
+        "class_token", "features of a ViT: its class token, or the mean of its patch tokens",
+        ("class_token", "mean_patch_tokens"),
+    )  # fmt: skip
     encoder_init: str = option(
         "torchvision",
         "torchvision: as the released code (Kaiming fan_out, zero last BN gamma per block); "
@@ -170,14 +178,35 @@ class OptimizerConfig:
         "linear warm-up length (may be fractional); carp-pretrain cuts a preset's warm-up longer than half "
         "a short run to half of it",
     )
-    weight_decay: float = option(1e-6, "LARS weight decay (not on biases and batch norm)")
+    optimizer: str = option(
+        "lars",
+        "lars: the paper's (ResNets); adamw: DINO's ViT recipe (weight-decay cosine, gradient clipping, "
+        "prototypes frozen at first)",
+        ("lars", "adamw"),
+    )
+    weight_decay: float = option(1e-6, "weight decay (not on biases and norms): LARS's, or AdamW's at the start")
+    weight_decay_end: float | None = option(None, "AdamW: weight decay at the end of a cosine (None: constant)")
+    clip_norm: float = option(0.0, "clip each weight's gradient to this norm (0: off; DINO's ViTs: 3.0)")
+    freeze_prototypes_epochs: float = option(
+        0.0, "keep the prototypes unchanged for the first epochs (DINO freezes its last layer for 1 with ViTs)"
+    )
     lars_momentum: float = option(0.9, "LARS momentum")
     lars_eta: float = option(0.001, "LARS trust coefficient")
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "gradient_accumulation_steps", "base_learning_rate")
-        for name in ("min_learning_rate", "warmup_epochs", "weight_decay", "lars_momentum", "lars_eta"):
+        names = ("min_learning_rate", "warmup_epochs", "weight_decay", "clip_norm", "freeze_prototypes_epochs")
+        for name in (*names, "lars_momentum", "lars_eta"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
+        _require(
+            self.weight_decay_end is None or (self.optimizer == "adamw" and self.weight_decay_end >= 0),
+            f"weight_decay_end is AdamW's and must be >= 0, got {self.weight_decay_end} with {self.optimizer}.",
+        )
+        _require(
+            self.freeze_prototypes_epochs < self.epochs,
+            f"freeze_prototypes_epochs ({self.freeze_prototypes_epochs:g}) must be shorter than the run "
+            f"({self.epochs} epochs).",
+        )
         _require(
             self.warmup_epochs < self.epochs,
             f"the warm-up ({self.warmup_epochs:g} epochs) must be shorter "
@@ -399,9 +428,14 @@ def load_preset(name: str) -> PretrainConfig:
         raise ValueError(f"preset {name}: {error}") from None
 
 
+def is_nested(saved: dict) -> bool:
+    """Whether a saved config is in sections (this version) or flat (earlier ones, where ``optimizer`` is a field)."""
+    return any(isinstance(saved.get(name), dict) for name in SECTIONS)
+
+
 def flat_training_fields(saved: dict) -> dict:
     """The training fields of a saved ``config.json``, nested (this version) or flat (earlier versions)."""
-    if any(name in saved for name in SECTIONS):
+    if is_nested(saved):
         saved = {key: value for name in SECTIONS for key, value in (saved.get(name) or {}).items()}
     return {key: value for key, value in saved.items() if key in field_section() and key not in resumable_fields()}
 
@@ -409,7 +443,7 @@ def flat_training_fields(saved: dict) -> dict:
 def run_config_from_json(text: str) -> PretrainConfig:
     """The configuration a run directory's ``config.json`` holds: nested (this version) or flat (earlier ones)."""
     values = json.loads(text)
-    if any(name in values for name in SECTIONS):
+    if is_nested(values):
         return PretrainConfig.from_dict(values)
     where = field_section()
     nested: dict = {

@@ -187,7 +187,9 @@ def build_model(config: PretrainConfig, data: Data, distribution, augmentation=N
                 num_layers=model_config.head_layers,
             )
             model = keras_carp.CARP(
-                keras_carp.build_encoder(model_config.backbone, init=model_config.encoder_init),
+                keras_carp.build_encoder(
+                    model_config.backbone, init=model_config.encoder_init, token_pooling=model_config.token_pooling
+                ),
                 head,
                 block_size=model_config.block_size,
                 partition=model_config.partition,
@@ -206,17 +208,45 @@ def build_model(config: PretrainConfig, data: Data, distribution, augmentation=N
                 warmup_steps=data.warmup_steps,
                 min_learning_rate=optimizer_config.min_learning_rate,
             )
-            optimizer = keras_carp.LARS(
-                schedule,
-                momentum=optimizer_config.lars_momentum,
-                weight_decay=optimizer_config.weight_decay,
-                eta=optimizer_config.lars_eta,
-                gradient_accumulation_steps=accumulation,
-            )
-            model.compile(optimizer=optimizer)
+            model.compile(optimizer=build_optimizer(optimizer_config, schedule, model, data))
         except ValueError as error:
             raise RunRefused(str(error)) from None
     return model
+
+
+def build_optimizer(optimizer_config, schedule, model, data: Data):
+    """LARS (the paper's ResNets) or ``ScheduledAdamW`` (DINO's ViT recipe), with gradient clipping if asked."""
+    import keras
+
+    import keras_carp
+
+    accumulation = optimizer_config.gradient_accumulation_steps
+    clipping = {"clipnorm": optimizer_config.clip_norm} if optimizer_config.clip_norm > 0 else {}
+    if optimizer_config.optimizer == "lars":
+        if optimizer_config.freeze_prototypes_epochs > 0:
+            raise ValueError("freeze_prototypes_epochs needs --optimizer adamw (LARS has no frozen start).")
+        return keras_carp.LARS(
+            schedule,
+            momentum=optimizer_config.lars_momentum,
+            weight_decay=optimizer_config.weight_decay,
+            eta=optimizer_config.lars_eta,
+            gradient_accumulation_steps=accumulation,
+            **clipping,
+        )
+    decay = optimizer_config.weight_decay
+    if optimizer_config.weight_decay_end is not None and decay > 0:  # a cosine from start to end, per batch
+        decay = keras.optimizers.schedules.CosineDecay(
+            decay, decay_steps=data.total_steps, alpha=optimizer_config.weight_decay_end / decay
+        )
+    frozen_steps = round(optimizer_config.freeze_prototypes_epochs * data.steps_per_epoch) // accumulation
+    return keras_carp.optimizers.ScheduledAdamW(
+        schedule,
+        weight_decay=decay,
+        frozen_paths=[model.student_head.prototypes.path] if frozen_steps else [],
+        frozen_steps=frozen_steps,
+        gradient_accumulation_steps=accumulation,
+        **clipping,
+    )
 
 
 def check_disk_space(model, run_dir: RunDirectory, config: PretrainConfig) -> None:

@@ -1,10 +1,12 @@
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
 import keras_carp
+from keras_carp.backbones import bicubic_matrix
 from keras_carp.keras_internals import flatten_layers
-from tests.conftest import require_optional, to_numpy
+from tests.conftest import random_views, require_optional, to_numpy
 
 pytestmark = pytest.mark.core
 
@@ -93,3 +95,104 @@ def test_small_image_resnet_matches_a_torch_basic_block_resnet_with_a_stride_1_s
         expected = forward(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     assert backbone(images).shape == (2, 4, 4, 256)  # 28 px -> 28, 14, 7, 4: no 4x stem
     np.testing.assert_allclose(to_numpy(encoder(images)), expected, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_vit(image_size=32, patch_size=8, class_token=True):
+    shape = dict(image_shape=(image_size, image_size, 3), patch_size=patch_size, use_class_token=class_token)
+    return keras_hub.models.ViTBackbone(**shape, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+
+
+@pytest.mark.parametrize("size_in, size_out", [(14, 6), (14, 14), (4, 2), (2, 4), (7, 12), (3, 1)])
+def test_position_embedding_resize_is_pytorch_bicubic(size_in, size_out):
+    """DINO resizes position embeddings with torch's bicubic (a = -0.75): the same numbers on every backend."""
+    torch = require_optional("torch")
+    grid = np.random.default_rng(0).normal(size=(size_in, size_in, 5)).astype("float32")
+    channels_first = torch.tensor(grid).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(channels_first, size=(size_out, size_out), mode="bicubic",
+                                              align_corners=False)  # fmt: skip
+    expected = resized[0].permute(1, 2, 0).numpy()
+    matrix = to_numpy(bicubic_matrix(size_in, size_out))
+    np.testing.assert_allclose(np.einsum("ij,jkd,lk->ild", matrix, grid, matrix), expected, atol=1e-5)
+
+
+def test_a_vit_runs_224_and_96_crops_through_one_set_of_weights():
+    """At the stored size the encoder is KerasHub's ViT; at another it uses the resized position embeddings."""
+    vit = _tiny_vit()
+    encoder = keras_carp.build_encoder(vit)
+    images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(encoder(images)), to_numpy(vit(images))[:, 0], atol=1e-6)
+
+    small = np.random.default_rng(2).normal(size=(2, 16, 24, 3)).astype("float32")  # a 2 x 3 patch grid
+    layer = encoder.get_layer("any_resolution_vit")
+    patching = layer.patching
+    table = to_numpy(patching.position_embedding.embeddings)
+    rows, columns = to_numpy(bicubic_matrix(4, 2)), to_numpy(bicubic_matrix(4, 3))
+    grid = np.einsum("ij,jkd,lk->ild", rows, table[1:].reshape(4, 4, -1), columns).reshape(6, -1)
+    patches = to_numpy(patching.patch_embedding(small)).reshape(2, 6, -1)
+    tokens = np.concatenate([np.tile(to_numpy(patching.class_token), (2, 1, 1)), patches], axis=1)
+    expected = to_numpy(layer.transformer(tokens + np.concatenate([table[:1], grid])[None]))[:, 0]
+    np.testing.assert_allclose(to_numpy(encoder(small)), expected, atol=1e-5)
+    # The patch grid stays in the features: crops of different sizes give different features.
+    assert not np.allclose(to_numpy(encoder(small))[0], to_numpy(encoder(images))[0])
+
+
+def test_token_pooling_class_token_or_mean_of_patch_tokens():
+    vit = _tiny_vit()
+    images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32")
+    tokens = to_numpy(vit(images))
+    mean = keras_carp.build_encoder(vit, token_pooling="mean_patch_tokens")
+    np.testing.assert_allclose(to_numpy(mean(images)), tokens[:, 1:].mean(axis=1), atol=1e-6)
+    no_class = _tiny_vit(class_token=False)
+    np.testing.assert_allclose(to_numpy(keras_carp.build_encoder(no_class, token_pooling="mean_patch_tokens")(images)),
+                               to_numpy(no_class(images)).mean(axis=1), atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="class token"):
+        keras_carp.build_encoder(_tiny_vit(class_token=False))
+    with pytest.raises(ValueError, match="token_pooling"):
+        keras_carp.build_encoder(vit, token_pooling="max")
+
+
+def test_any_keras_model_of_rank_2_3_or_4_outputs_is_pooled_to_features():
+    inputs = keras.Input((None, None, 3))
+    vectors = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.GlobalMaxPooling2D()(inputs)))
+    images = np.random.default_rng(4).normal(size=(3, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(to_numpy(keras_carp.build_encoder(vectors)(images)), to_numpy(vectors(images)))
+    maps = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    np.testing.assert_allclose(to_numpy(keras_carp.build_encoder(maps)(images)),
+                               to_numpy(maps(images)).mean(axis=(1, 2)), atol=1e-6)  # fmt: skip
+    rank_5 = keras.Model(inputs, keras.layers.Reshape((1, 1, 1, 5))(vectors(inputs)))
+    with pytest.raises(ValueError, match=r"\[N, D\], \[N, H, W, C\] or \[N, T, D\]"):
+        keras_carp.build_encoder(rank_5)
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet_99'"):
+        keras_carp.build_encoder("resnet_99")
+
+
+def test_vit_encoder_saves_and_loads(tmp_path):
+    encoder = keras_carp.build_encoder(_tiny_vit(), token_pooling="mean_patch_tokens")
+    images = np.random.default_rng(5).normal(size=(2, 24, 16, 3)).astype("float32")
+    encoder.save(tmp_path / "vit.keras")
+    loaded = keras.saving.load_model(tmp_path / "vit.keras")
+    np.testing.assert_allclose(to_numpy(loaded(images)), to_numpy(encoder(images)), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "backbone, global_size, local_size",
+    [("vit", 32, 16), pytest.param("convnext_tiny", 64, 32, marks=pytest.mark.slow)],  # 28 M weights: slow tier
+)
+def test_carp_trains_a_vit_and_a_convnext(backbone, global_size, local_size):
+    """Fit steps on global and local crops (a ConvNeXt downsamples 32 x): finite losses, a moving encoder."""
+    encoder = keras_carp.build_encoder(_tiny_vit() if backbone == "vit" else backbone)
+    head = keras_carp.CARPHead(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
+    model = keras_carp.CARP(encoder, head, block_size=16)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    views = random_views(batch=4, global_size=global_size, local_size=local_size, num_local=1)
+    before = [to_numpy(w).copy() for w in encoder.trainable_weights]
+    history = model.fit(x=views, batch_size=2, epochs=1, verbose=0, shuffle=False)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert any(not np.allclose(a, to_numpy(b)) for a, b in zip(before, encoder.trainable_weights))
+
+
+@pytest.mark.parametrize("name, width", [("convnext_tiny", 768), ("efficientnetv2_b0", 1280), ("vit_tiny_4", 192)])
+def test_named_backbones_of_other_families_give_their_widths_at_any_size(name, width):
+    encoder = keras_carp.build_encoder(name)
+    for size in (32, 64):
+        assert tuple(encoder(np.zeros((1, size, size, 3), "float32")).shape) == (1, width)

@@ -48,3 +48,53 @@ def test_lars_rejects_bad_hyperparameters():
         keras_carp.LARS(0.1, momentum=1.5)
     with pytest.raises(ValueError, match="weight_decay"):
         keras_carp.LARS(0.1, weight_decay=-1.0)
+
+
+def test_scheduled_adamw_matches_dino_torch_adamw_with_its_schedules_freeze_and_clipping():
+    """DINO's ViT loop in PyTorch: wd per step from a cosine, none on 1-D weights, last layer's grads dropped."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    shapes = {"kernel": (3, 4), "bias": (4,), "prototypes": (5, 4)}
+    start = {name: rng.normal(size=shape).astype("float32") for name, shape in shapes.items()}
+    steps, frozen_steps, lr, clip = 6, 2, 0.05, 1.5
+    grads = [
+        {name: 2 * rng.normal(size=shape).astype("float32") for name, shape in shapes.items()} for _ in range(steps)
+    ]
+
+    variables = {name: keras.Variable(value, name=name) for name, value in start.items()}
+    decay = keras.optimizers.schedules.CosineDecay(0.04, decay_steps=steps, alpha=10.0)  # 0.04 -> 0.4
+    optimizer = keras_carp.optimizers.ScheduledAdamW(
+        lr, weight_decay=decay, frozen_paths=[variables["prototypes"].path], frozen_steps=frozen_steps, clipnorm=clip
+    )
+    for grad in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(grad[n]) for n in shapes], [variables[n] for n in shapes])
+
+    params = {name: torch.nn.Parameter(torch.tensor(value, dtype=torch.float64)) for name, value in start.items()}
+    regularized = torch.optim.AdamW([params["kernel"], params["prototypes"]], lr=lr, eps=1e-8)
+    not_regularized = torch.optim.AdamW([params["bias"]], lr=lr, weight_decay=0.0, eps=1e-8)
+    for step, grad in enumerate(grads):
+        regularized.param_groups[0]["weight_decay"] = 0.4 + 0.5 * (0.04 - 0.4) * (1 + np.cos(np.pi * step / steps))
+        for name, parameter in params.items():
+            g = torch.tensor(grad[name], dtype=torch.float64)
+            parameter.grad = g * min(1.0, clip / float(g.norm()))  # Keras clips with max(norm, clip): no 1e-6
+        if step < frozen_steps:
+            params["prototypes"].grad = None  # DINO's cancel_gradients_last_layer
+        regularized.step()
+        not_regularized.step()
+    for name in shapes:
+        np.testing.assert_allclose(to_numpy(variables[name]), params[name].detach().numpy(), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)  # fmt: skip
+    np.testing.assert_array_equal(start["prototypes"] != to_numpy(variables["prototypes"]), True)
+
+
+def test_scheduled_adamw_round_trips_its_config_and_refuses_bad_settings():
+    decay = keras.optimizers.schedules.CosineDecay(0.04, decay_steps=100, alpha=10.0)
+    optimizer = keras_carp.optimizers.ScheduledAdamW(0.001, weight_decay=decay, frozen_paths=["head/prototypes"],
+                                                     frozen_steps=10, clipnorm=3.0)  # fmt: skip
+    again = keras_carp.optimizers.ScheduledAdamW.from_config(optimizer.get_config())
+    assert again.frozen_paths == ("head/prototypes",) and again.frozen_steps == 10 and again.clipnorm == 3.0
+    assert float(again.weight_decay_at(100)) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="beta_1"):
+        keras_carp.optimizers.ScheduledAdamW(beta_1=1.0)
+    with pytest.raises(ValueError, match="frozen_paths name no trained variable"):
+        keras_carp.optimizers.ScheduledAdamW(frozen_paths=["nowhere"]).build([keras.Variable(np.zeros(2))])

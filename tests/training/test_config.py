@@ -36,7 +36,7 @@ def test_old_preset_names_are_aliases_of_the_new_ones():
         assert pretrain.parse_config(["--preset", old]).preset == new
     assert sorted(schema.available_presets()) == sorted(
         ["cifar10_resnet18", "digits", "fashion_mnist", "fashion_mnist_resnet18", "imagenet_resnet50_200ep",
-         "imagenet_resnet50_multicrop"])  # fmt: skip
+         "imagenet_resnet50_multicrop", "imagenet_vit_small_multicrop"])  # fmt: skip
 
 
 def test_unknown_preset_and_unknown_fields_are_reported():
@@ -169,7 +169,7 @@ def test_every_preset_builds_its_views_head_and_schedule(preset):
     c = schema.load_preset(preset)
     for augment in ("host", "device"):
         assert build_views(c, augment).num_crops == 2 + c.views.num_local_crops
-    assert c.model.backbone in keras_carp.backbones.RESNET_CONFIGS
+    assert c.model.backbone in keras_carp.backbones.backbone_names()
     model = c.model
     keras_carp.CARPHead(num_prototypes=model.num_prototypes, hidden_dim=model.hidden_dim,
                         bottleneck_dim=model.bottleneck_dim, num_layers=model.head_layers)  # fmt: skip
@@ -227,3 +227,26 @@ def test_auto_precision_is_the_devices_choice():
     assert compute_dtype_policy(config, SimpleNamespace(dtype_policy=None)) == "float32"
     with pytest.raises(SystemExit):
         pretrain.parse_config(["--precision", "float16"])
+
+
+def test_the_vit_preset_trains_with_scheduled_adamw_clipping_and_frozen_prototypes():
+    """optimizer: adamw -> ScheduledAdamW with a 0.04 -> 0.4 cosine, clipnorm 3, prototypes frozen for 1 epoch."""
+    from keras_carp.optimizers import LARS, ScheduledAdamW
+    from tests.conftest import tiny_model
+    from training.run import Data, build_optimizer
+
+    c = schema.load_preset("imagenet_vit_small_multicrop")
+    data = Data(train=None, evaluation=None, steps_per_epoch=10, total_steps=1000, warmup_steps=100)
+    model = tiny_model()
+    optimizer = build_optimizer(c.optimizer, 0.001, model, data)
+    assert isinstance(optimizer, ScheduledAdamW)
+    assert optimizer.frozen_paths == (model.student_head.prototypes.path,) and optimizer.frozen_steps == 10
+    assert optimizer.clipnorm == 3.0
+    assert float(optimizer.weight_decay_at(0)) == pytest.approx(0.04)
+    assert float(optimizer.weight_decay_at(1000)) == pytest.approx(0.4)
+    lars = schema.load_preset("digits").optimizer
+    assert isinstance(build_optimizer(lars, 0.1, model, data), LARS)
+    with pytest.raises(ValueError, match="freeze_prototypes_epochs needs --optimizer adamw"):
+        build_optimizer(dataclasses.replace(lars, freeze_prototypes_epochs=1.0), 0.1, model, data)
+    with pytest.raises(ValueError, match="weight_decay_end is AdamW's"):
+        dataclasses.replace(lars, weight_decay_end=0.4)

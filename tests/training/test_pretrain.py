@@ -237,3 +237,23 @@ def test_carp_pretrain_trains_in_float16_with_loss_scaling(tmp_path):
     assert summary["precision"] == "mixed_float16" and np.isfinite(summary["final_loss"])
     assert json.loads((out / "config.json").read_text())["run"]["precision"] == "mixed_float16"
     assert keras.config.dtype_policy().name == "float32"  # the run's policy does not outlive it
+
+
+def test_carp_pretrain_trains_a_vit_with_the_adamw_recipe(tmp_path):
+    """--backbone vit_tiny_4 with AdamW, a weight-decay cosine, clipping and the prototypes frozen for epoch 1."""
+    import keras
+
+    out = tmp_path / "vit"
+    vit = ["--backbone", "vit_tiny_4", "--num-local-crops", "2", "--local-size", "8", "--optimizer", "adamw",
+           "--base-learning-rate", "0.0005", "--min-learning-rate", "1e-5", "--weight-decay", "0.04",
+           "--weight-decay-end", "0.4", "--clip-norm", "3", "--freeze-prototypes-epochs", "1", "--epochs", "2",
+           "--eval-split", "", "--output-dir", str(out)]  # fmt: skip
+    assert pretrain.main(TINY + vit) == 0
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.student_encoder.get_layer("any_resolution_vit") is not None
+    optimizer = model.optimizer
+    assert optimizer.frozen_steps == 21 and optimizer.clipnorm == 3.0  # digits: 1347 images, 64 a batch
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 42
+    assert float(optimizer.weight_decay_at(42)) == pytest.approx(0.4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["final_loss"])
