@@ -233,10 +233,17 @@ class EvaluationConfig:
     knn_temperature: float = option(0.07, "temperature of the k-NN weights")
     knn_every: int = option(0, "also score k-NN every N epochs during training (0: at the end only)")
     eval_crop_fraction: float = option(1.0, "centre crop fraction of evaluation images (0.875: ImageNet's)")
+    online_probe_every: int = option(
+        0,
+        "train a linear classifier on the teacher's detached features of labelled training images every N steps "
+        "and log its accuracy (0: off); it restarts when a run resumes",
+        resumable=True,
+    )
 
     def __post_init__(self):
         _positive(self, "knn_k", "knn_temperature")
         _require(self.knn_every >= 0, f"knn_every must be >= 0, got {self.knn_every}.")
+        _require(self.online_probe_every >= 0, f"online_probe_every must be >= 0, got {self.online_probe_every}.")
         _require(
             0 < self.eval_crop_fraction <= 1, f"eval_crop_fraction must be in (0, 1], got {self.eval_crop_fraction}."
         )

@@ -336,14 +336,19 @@ class Evaluation:
         return result
 
     def monitors(self) -> list:
-        """k-NN every ``knn_every`` epochs (if asked) and the collapse indicators on a fixed probe batch."""
+        """k-NN every ``knn_every`` epochs, the online linear probe (if asked), and the collapse indicators."""
         import numpy as np
 
-        from keras_carp.evaluation import CollapseMonitor, KNNMonitor
+        from keras_carp.evaluation import CollapseMonitor, KNNMonitor, OnlineLinearProbe
 
         monitors = []
         if self.enabled and self.config.knn_every > 0:
             monitors.append(KNNMonitor(self.bank, self.queries, self.config.knn_every, **self.knn_settings))
+        if self.config.online_probe_every > 0:
+            if not self.enabled:
+                raise RunRefused("--online-probe-every needs labels: set --eval-split to a labelled split.")
+            monitors.append(OnlineLinearProbe(self.bank, self.num_classes, every_steps=self.config.online_probe_every,
+                                              test_data=self.queries))  # fmt: skip
         probe = [batch for batch, _ in zip(self.probe_batches, range(2))]  # the first 2 batches
         images = np.concatenate([np.asarray(b[0] if isinstance(b, tuple) else b) for b in probe])
         return monitors + [CollapseMonitor(images)]
@@ -558,6 +563,7 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
 def train_evaluate_save(prepared: Prepared) -> dict:
     """Train from the newest checkpoint to the end, score the teacher, save the model and the encoder."""
     from keras_carp.checkpoints import atomic_save_model
+    from keras_carp.evaluation import KNNMonitor
 
     config, run_dir, data, model = prepared.config, prepared.run_dir, prepared.data, prepared.model
     evaluation = Evaluation(config, data)
@@ -569,7 +575,7 @@ def train_evaluate_save(prepared: Prepared) -> dict:
     started = time.time()
     losses = fit(model, prepared.datasets, legs, data, callbacks)
     seconds = time.time() - started
-    knn_monitors = [m for m in monitors if hasattr(m, "history")]
+    knn_monitors = [m for m in monitors if isinstance(m, KNNMonitor)]
     learned = knn_monitors[0].history.get(config.optimizer.epochs) if knn_monitors else None
     learned = learned or evaluation.knn(model.teacher_encoder)
     atomic_save_model(model, run_dir.join("model.keras"))

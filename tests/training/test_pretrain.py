@@ -257,3 +257,15 @@ def test_carp_pretrain_trains_a_vit_with_the_adamw_recipe(tmp_path):
     assert float(optimizer.weight_decay_at(42)) == pytest.approx(0.4)
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["final_loss"])
+
+
+def test_carp_pretrain_logs_an_online_linear_probe(tmp_path):
+    """--online-probe-every 5: the probe's accuracies reach the CSV log beside the loss."""
+    out = tmp_path / "probe"
+    assert pretrain.main(TINY + ["--online-probe-every", "5", "--output-dir", str(out)]) == 0
+    lines = (out / "training_log.csv").read_text().splitlines()
+    row = dict(zip(lines[0].split(","), lines[1].split(",")))
+    assert 10 < float(row["online_probe_top1"]) <= 100  # 10 classes: above chance after 4 probe steps
+    assert 0 <= float(row["online_probe_test_top1"]) <= 100
+    with pytest.raises(SystemExit, match="--online-probe-every needs labels"):
+        pretrain.main(TINY + ["--online-probe-every", "5", "--eval-split", "", "--output-dir", str(tmp_path / "x")])
