@@ -176,9 +176,13 @@ def test_vit_encoder_saves_and_loads(tmp_path):
 
 @pytest.mark.parametrize(
     "backbone, global_size, local_size",
-    [("vit", 32, 16), pytest.param("convnext_tiny", 64, 32, marks=pytest.mark.slow)],  # 28 M weights: slow tier
+    [
+        ("vit", 32, 16),
+        pytest.param("convnext_tiny", 64, 32, marks=pytest.mark.slow),  # 28 M weights: the slow tier
+        pytest.param("efficientnetv2_b0", 64, 32, marks=pytest.mark.slow),
+    ],
 )
-def test_carp_trains_a_vit_and_a_convnext(backbone, global_size, local_size):
+def test_carp_trains_a_vit_a_convnext_and_an_efficientnet(backbone, global_size, local_size):
     """Fit steps on global and local crops (a ConvNeXt downsamples 32 x): finite losses, a moving encoder."""
     encoder = keras_carp.build_encoder(_tiny_vit() if backbone == "vit" else backbone)
     head = keras_carp.CARPHead(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
