@@ -69,6 +69,32 @@ def resolve_strategy(name: str = "auto", tpu: str | None = None, devices: list[s
     return tf.distribute.get_strategy()
 
 
+def across_workers(strategy) -> bool:
+    """Whether ``strategy`` is a ``MultiWorkerMirroredStrategy`` spanning more than one worker process."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or strategy.cluster_resolver is None:
+        return False
+    return sum(len(tasks) for tasks in strategy.cluster_resolver.cluster_spec().as_dict().values()) > 1
+
+
+def worker_rank(strategy) -> tuple[int, int]:
+    """(this worker's rank, number of workers) of a ``MultiWorkerMirroredStrategy`` from its ``TF_CONFIG`` cluster.
+
+    Rank 0 is the chief: the task ``chief`` when the cluster has one, else ``worker`` 0 (TensorFlow's rule).
+    """
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))
+    if chiefs + workers <= 1 or resolver.task_type is None:
+        return 0, 1
+    if resolver.task_type == "chief":
+        return 0, chiefs + workers
+    if resolver.task_type != "worker":
+        raise ValueError(f"carp-pretrain runs as a chief or worker task, not {resolver.task_type!r} (TF_CONFIG).")
+    return chiefs + int(resolver.task_id), chiefs + workers
+
+
 def data_parallel(devices: list | None = None):
     """Set (and return) ``keras.distribution.DataParallel`` over the local JAX devices (all by default)."""
     if keras.backend.backend() != "jax":
@@ -77,6 +103,25 @@ def data_parallel(devices: list | None = None):
     distribution = keras.distribution.DataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)
     return distribution
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is how a multi-process step fails when another process of the job is gone.
+
+    TensorFlow: the collective ops abort with ``UnavailableError`` (the peer's socket closed), or
+    ``DeadlineExceededError`` / ``AbortedError`` / ``CancelledError`` once the health check gives up on
+    it. JAX: the runtime reports the coordination service's lost task as a ``JaxRuntimeError``.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        errors = tf.errors
+        return isinstance(error, (errors.UnavailableError, errors.DeadlineExceededError, errors.AbortedError,
+                                  errors.CancelledError))  # fmt: skip
+    if backend == "jax":
+        return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+    return False
 
 
 def check_global_batch(global_batch_size: int, replicas: int) -> int:
@@ -97,6 +142,13 @@ class Distribution:
     strategy: object | None = None  # the tf.distribute strategy (TensorFlow backend)
     per_host_input: bool = False  # feed with strategy.distribute_datasets_from_function (TPU, multi-worker)
     dtype_policy: str | None = None  # mixed_bfloat16 on TPUs
+    process_index: int = 0  # this process among the job's processes (0: the chief, which writes the run's files)
+    num_processes: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes the run directory (the others train alongside and write nothing there)."""
+        return self.process_index == 0
 
     def scope(self):
         """Build and compile the model inside this (the strategy's scope on TensorFlow)."""
@@ -141,12 +193,16 @@ def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distributi
         is_tpu = isinstance(strategy, tf.distribute.TPUStrategy)
         multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         label = "MultiWorkerMirroredStrategy" if multiworker else type(strategy).__name__.lstrip("_")
+        process_index, num_processes = worker_rank(strategy) if multiworker else (0, 1)
+        workers = f" on {num_processes} workers" if num_processes > 1 else ""
         return Distribution(
-            description=f"{label} with {strategy.num_replicas_in_sync} replica(s)",
+            description=f"{label} with {strategy.num_replicas_in_sync} replica(s){workers}",
             replicas=int(strategy.num_replicas_in_sync),
             strategy=strategy,
             per_host_input=is_tpu or multiworker,
             dtype_policy="mixed_bfloat16" if is_tpu else None,
+            process_index=process_index,
+            num_processes=num_processes,
         )
     if backend == "jax":
         if name == "none":

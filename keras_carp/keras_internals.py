@@ -48,6 +48,13 @@ Why each internal is needed:
   step of batch-level summaries, which Keras restarts at 0 in every ``fit``.
 - ``CSVLogger.csv_file`` / ``writer`` (``close_csv_logger``): closed without
   asking ``closed``, which ``tf.io.gfile.GFile`` (``gs://`` paths) lacks.
+- ``Trainer._maybe_symbolic_build`` (``skip_symbolic_build_once_built``):
+  Keras' TensorFlow trainer reads a sample batch at the start of every
+  ``fit`` and, under a strategy, averages it across replicas, to build the
+  model symbolically, even when it is built. Under
+  ``MultiWorkerMirroredStrategy`` with several workers that average fails
+  (the collective reduce takes one tensor, not CARP's tuple of views); a built
+  model needs no sample batch, so the hook is skipped per instance.
 - ``Trainer._get_jax_state`` (``jax_state``): the (trainable, non-trainable,
   optimizer, metrics) state tuple the JAX train step takes, for callers that
   run the compiled step outside ``fit`` (benchmarks).
@@ -118,6 +125,27 @@ def restore_moments(layer: keras.layers.BatchNormalization) -> bool:
         object.__delattr__(layer, "_moments")
         return True
     return False
+
+
+# ------------------------------------------------------------------- trainers
+def fully_built(model: keras.Model) -> bool:
+    """Whether every layer and the optimizer of a compiled ``model`` are built (what Keras' symbolic build makes)."""
+    optimizer = getattr(model, "optimizer", None)
+    return all(layer.built for layer in flatten_layers(model)) and (optimizer is None or optimizer.built)
+
+
+def skip_symbolic_build_once_built(model: keras.Model) -> None:
+    """Make ``fit`` on ``model`` skip Keras' TensorFlow symbolic build (a sample batch averaged across replicas)
+    whenever the model is already built; an unbuilt model is built by Keras as before."""
+    if "_maybe_symbolic_build" in vars(model):
+        return
+    keras_hook = model._maybe_symbolic_build
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if not fully_built(model):
+            keras_hook(iterator=iterator, data_batch=data_batch)
+
+    object.__setattr__(model, "_maybe_symbolic_build", maybe_symbolic_build)
 
 
 # ----------------------------------------------------------------- optimizers

@@ -368,6 +368,8 @@ class CARP(keras.Model):
                 self.teacher_momentum_schedule = callback.schedule
         # First, so that every other callback's on_train_begin sees the resolved schedule.
         callbacks.insert(0, TeacherMomentumRunLength())
+        if keras.backend.backend() == "tensorflow":  # no sample batch reduced across workers when built
+            keras_internals.skip_symbolic_build_once_built(self)
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def export_encoder(self, path, encoder: str = "teacher", **kwargs):

@@ -19,6 +19,66 @@ import os
 import sys
 
 LOGGED = ("loss", "consistency", "entropy", "prototypes_used")
+WEIGHT_GROUPS = ("student_encoder", "student_head", "teacher_encoder", "teacher_head")
+
+
+def build_tiny_carp(sync_batch_norm=None, augmentation=None):
+    """The tiny CARP every distributed check trains, its weights drawn from seed 0."""
+    import keras
+
+    import keras_carp
+
+    keras.utils.set_random_seed(0)
+    encoder = keras_carp.build_encoder("resnet_tiny")
+    head = keras_carp.CARPHead(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
+    return keras_carp.CARP(encoder, head, block_size=16, seed=3, sync_batch_norm=sync_batch_norm,
+                           augmentation=augmentation)  # fmt: skip
+
+
+def tiny_views(batch: int, steps: int) -> list:
+    """Two 16 px and two 8 px views of ``batch * steps`` images (seeded normal noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = batch * steps
+    views = [rng.normal(size=(images, 16, 16, 3)).astype("float32") for _ in range(2)]
+    return views + [rng.normal(size=(images, 8, 8, 3)).astype("float32") for _ in range(2)]
+
+
+def compile_for(model, batch: int, steps: int) -> None:
+    """LARS on the run's warm-up cosine, as every distributed check trains."""
+    import keras_carp
+
+    schedule = keras_carp.WarmupCosineDecay(1.0, batch, total_steps=steps, min_learning_rate=0.5)
+    model.compile(optimizer=keras_carp.LARS(schedule))
+
+
+def step_losses_callback():
+    """A callback collecting the running means Keras logs after every step (loss terms, prototypes used)."""
+    import keras
+
+    class StepLosses(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append([float(logs[k]) for k in LOGGED])
+
+    return StepLosses()
+
+
+def relative(a, b) -> float:
+    """max |a - b| over the tensor's scale max |b|, floored at 1e-3: tensors that stay near 0 (biases before
+    BN, which get ~1e-11 gradients; the entropy, 2.77 - 2.77 in float32) are compared absolutely at 1e-8."""
+    import numpy as np
+
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)) if a.size else 0.0
+
+
+def max_relative(mine, theirs) -> float:
+    return max(relative(a, b) for a, b in zip(mine, theirs))
 
 
 def parse_args():
@@ -53,36 +113,18 @@ def main() -> None:
     import keras_carp
     from keras_carp import distribute
 
-    rng = np.random.default_rng(0)
-    images = args.batch * args.steps
-    views = [rng.normal(size=(images, 16, 16, 3)).astype("float32") for _ in range(2)]
-    views += [rng.normal(size=(images, 8, 8, 3)).astype("float32") for _ in range(2)]
-    whole_images = rng.integers(0, 256, size=(images, 20, 20, 3), dtype="uint8")
+    views = tiny_views(args.batch, args.steps)
+    whole_images = np.random.default_rng(1).integers(0, 256, size=(args.batch * args.steps, 20, 20, 3), dtype="uint8")
 
     def build():
-        keras.utils.set_random_seed(0)
-        encoder = keras_carp.build_encoder("resnet_tiny")
-        head = keras_carp.CARPHead(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
-        sync = False if args.sync_batch_norm == "off" else None
         augmentation = None
         if args.device_views:  # each replica keys its images by their place in the global batch
             augmentation = keras_carp.DeviceMultiCrop(global_size=16, local_size=8, num_local_crops=2, seed=5)
-        return keras_carp.CARP(encoder, head, block_size=16, seed=3, sync_batch_norm=sync, augmentation=augmentation)
-
-    class StepLosses(keras.callbacks.Callback):
-        """The running means Keras logs after every step (loss terms, prototypes used)."""
-
-        def __init__(self):
-            super().__init__()
-            self.steps = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.steps.append([float(logs[k]) for k in LOGGED])
+        return build_tiny_carp(False if args.sync_batch_norm == "off" else None, augmentation)
 
     def train(model) -> np.ndarray:
-        schedule = keras_carp.WarmupCosineDecay(1.0, args.batch, total_steps=args.steps, min_learning_rate=0.5)
-        model.compile(optimizer=keras_carp.LARS(schedule))
-        losses = StepLosses()
+        compile_for(model, args.batch, args.steps)
+        losses = step_losses_callback()
         data = whole_images if args.device_views else tuple(views)
         model.fit(x=data, batch_size=args.batch, epochs=1, shuffle=False, verbose=0,
                   callbacks=[keras_carp.TeacherEMA(0.9, 1.0), losses])  # fmt: skip
@@ -117,15 +159,6 @@ def main() -> None:
     if args.save:
         model.save(args.save)
 
-    def relative(a, b) -> float:
-        """max |a - b| over the tensor's scale max |b|, floored at 1e-3: tensors that stay near 0 (biases before
-        BN, which get ~1e-11 gradients; the entropy, 2.77 - 2.77 in float32) are compared absolutely at 1e-8."""
-        a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
-        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3)) if a.size else 0.0
-
-    def max_relative(mine, theirs) -> float:
-        return max(relative(a, b) for a, b in zip(mine, theirs))
-
     result = {
         "backend": backend,
         "replicas": replicas,
@@ -137,7 +170,7 @@ def main() -> None:
         "max_rel_logs": {k: relative(distributed_losses[:, i], single_losses[:, i]) for i, k in enumerate(LOGGED)},
         "max_rel_weights": {
             group: max_relative(getattr(model, group).get_weights(), getattr(single, group).get_weights())
-            for group in ("student_encoder", "student_head", "teacher_encoder", "teacher_head")
+            for group in WEIGHT_GROUPS
         },
         "max_rel_optimizer": max_relative(
             [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables],

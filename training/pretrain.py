@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(argv)
     summary = run(config)
+    if summary.get("process_index", 0) != 0:  # another process of a multi-process job
+        print(f"\nprocess {summary['process_index']} of {summary['processes']}: the chief (process 0) wrote "
+              f"the run directory {summary['output_dir']}")  # fmt: skip
+        return 0
     if "knn_top1" in summary:
         evaluation = config.evaluation
         print(

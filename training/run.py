@@ -209,6 +209,7 @@ def build_model(config: PretrainConfig, data: Data, distribution, augmentation=N
                 min_learning_rate=optimizer_config.min_learning_rate,
             )
             model.compile(optimizer=build_optimizer(optimizer_config, schedule, model, data))
+            model.optimizer.build(model.trainable_variables)  # built: fit needs no sample batch to build it
         except ValueError as error:
             raise RunRefused(str(error)) from None
     return model
@@ -255,7 +256,7 @@ def check_disk_space(model, run_dir: RunDirectory, config: PretrainConfig) -> No
 
     try:
         encoder_bytes = checkpoint_bytes(model.teacher_encoder) // 2
-        check_free_space(run_dir.path, (config.run.keep_checkpoints + 2) * checkpoint_bytes(model) + encoder_bytes)
+        check_free_space(run_dir.output(), (config.run.keep_checkpoints + 2) * checkpoint_bytes(model) + encoder_bytes)
     except OSError as error:
         raise RunRefused(str(error)) from None
 
@@ -363,16 +364,16 @@ def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, m
     """
     from keras_carp import callbacks
 
-    loggers = [callbacks.RunCSVLogger(run_dir.join("training_log.csv"), append=True)]
+    loggers = [callbacks.RunCSVLogger(run_dir.output("training_log.csv"), append=True)]
     if tensorflow_available():
         frequency = config.run.log_every_steps or "epoch"
-        loggers.append(callbacks.StepTensorBoard(run_dir.join("logs"), update_freq=frequency))
+        loggers.append(callbacks.StepTensorBoard(run_dir.output("logs"), update_freq=frequency))
     return [
         callbacks.SkippedImagesLogger(skipped or data.train),
         *monitors,  # before the loggers, which record what monitors add to the epoch logs
         *loggers,
         callbacks.RunCheckpoint(
-            run_dir.join("checkpoints"),
+            run_dir.output("checkpoints"),
             data.steps_per_epoch,
             config.run.checkpoint_every_steps,
             config.run.keep_checkpoints,
@@ -381,9 +382,15 @@ def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, m
     ]
 
 
-def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list) -> list[float]:
-    """Train every leg; returns the epoch losses. A non-finite loss stops with the step it happened at."""
+def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list, distribution=None,
+        run_dir: RunDirectory | None = None) -> list[float]:  # fmt: skip
+    """Train every leg; returns the epoch losses.
+
+    A non-finite loss stops with the step it happened at; in a job of several processes, a process that is
+    gone stops the others with the checkpoint that every process resumes from.
+    """
     from keras_carp.checkpoints import NonFiniteLossError
+    from keras_carp.distribute import lost_a_peer
 
     losses = []
     try:
@@ -406,6 +413,21 @@ def fit(model, dataset_for, legs: Legs, data: Data, callbacks: list) -> list[flo
         ) from None
     except OSError as error:  # e.g. the disk filled up while writing a checkpoint
         raise RunRefused(str(error)) from None
+    except Exception as error:
+        if distribution is None or distribution.num_processes == 1 or not lost_a_peer(error):
+            raise
+        last = callbacks[-1].last_saved if callbacks and hasattr(callbacks[-1], "last_saved") else None
+        if last and run_dir is not None:  # the shared copy (a worker's own checkpoints were scratch)
+            last = run_dir.join("checkpoints", last.replace("\\", "/").rsplit("/", 1)[-1])
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        cause = next((line for line in lines if "aborted" in line.lower() or "peer" in line.lower()),
+                     lines[0] if lines else "")  # fmt: skip
+        raise RunRefused(
+            f"process {distribution.process_index} of {distribution.num_processes}: another process of this job "
+            f"stopped, so the job cannot go on ({type(error).__name__}: {cause[:200]}). Rerun the same command on "
+            f"every host: all resume from the last complete checkpoint ({last or 'none yet: from the start'}).",
+            after_progress_bar=True,
+        ) from None
     return losses
 
 
@@ -524,7 +546,7 @@ def report_devices(config: PretrainConfig, data: Data, distribution, augment: st
         )
 
 
-def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
+def prepare(config: PretrainConfig, run_dir: RunDirectory, distribution) -> Prepared:
     """Check and build everything before the first step: a refusal here costs no training."""
     import keras
 
@@ -540,7 +562,6 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory) -> Prepared:
             f"{checkpoint.path} was written with {checkpoint.steps_per_epoch} steps per epoch, this "
             f"dataset gives {data.steps_per_epoch}; the data changed. Choose a new --output-dir."
         )
-    distribution = setup_devices(config)
     augment = resolve_augment(config)
     augmentation = build_views(config, augment)
     report_devices(config, data, distribution, augment)
@@ -573,12 +594,12 @@ def train_evaluate_save(prepared: Prepared) -> dict:
     monitors = evaluation.monitors()
     callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint, prepared.skipped)
     started = time.time()
-    losses = fit(model, prepared.datasets, legs, data, callbacks)
+    losses = fit(model, prepared.datasets, legs, data, callbacks, prepared.distribution, run_dir)
     seconds = time.time() - started
     knn_monitors = [m for m in monitors if isinstance(m, KNNMonitor)]
     learned = knn_monitors[0].history.get(config.optimizer.epochs) if knn_monitors else None
     learned = learned or evaluation.knn(model.teacher_encoder)
-    atomic_save_model(model, run_dir.join("model.keras"))
+    atomic_save_model(model, run_dir.output("model.keras"))
     encoder_path = None
     if config.run.export and tensorflow_available():
         encoder_path = run_dir.export_encoder(model)
@@ -609,6 +630,8 @@ def summarize(
         "dataset": data.train.name,
         "backend": keras.backend.backend(),
         "distribution": prepared.distribution.description,
+        "processes": prepared.distribution.num_processes,
+        "process_index": prepared.distribution.process_index,  # of the process that wrote this file
         "precision": prepared.model.dtype_policy.name,
         "augment": "device" if prepared.model.augmentation is not None else "host",
         "train_images": data.train.num_examples,
@@ -646,16 +669,20 @@ def run(config: PretrainConfig | dict) -> dict:
 
     config = as_config(config)
     config = config.replace(output_dir=config.run.output_dir or f"runs/{config.preset}")
-    try:
-        run_dir = RunDirectory(config.run.output_dir).create()
-    except OSError as error:
-        raise RunRefused(str(error)) from None
     policy = keras.config.dtype_policy()
+    # First: TensorFlow's collective ops (multi-worker) and JAX's processes are set up before any other work.
+    distribution = setup_devices(config)
+    try:
+        run_dir = RunDirectory(config.run.output_dir, chief=distribution.is_chief).create()
+    except OSError as error:
+        keras.config.set_dtype_policy(policy)
+        raise RunRefused(str(error)) from None
     try:
         with run_dir.removed_if_refused():
-            prepared = prepare(config, run_dir)
+            prepared = prepare(config, run_dir, distribution)
         return train_evaluate_save(prepared)
     finally:
+        run_dir.close()
         keras.config.set_dtype_policy(policy)
 
 

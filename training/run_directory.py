@@ -14,6 +14,11 @@ Layout::
 TensorFlow's ``tf.io.gfile`` serves local paths and object stores alike; it is
 imported only when a run directory is used. Without TensorFlow, local paths
 work through ``keras_carp.file_io.LocalFiles`` and ``encoder/`` is not written.
+
+A job of several processes (hosts) shares one run directory: every process
+reads it (to resume from the same checkpoint), only the chief writes it. The
+others do the same work (saving touches every process's copy of distributed
+variables) into a local scratch directory that is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -33,14 +39,20 @@ def _gfile():
 
 class RunDirectory:
     """The run directory at ``path``: created and proven writable by ``create``, removed again if a run is
-    refused before it writes anything (``removed_if_refused``)."""
+    refused before it writes anything (``removed_if_refused``).
 
-    def __init__(self, path: str):
+    ``chief=False`` (the other processes of a multi-process job): reads go to ``path``, writes
+    (``output``) to a local scratch directory, removed by ``close``.
+    """
+
+    def __init__(self, path: str, chief: bool = True):
         self.path = str(path)
+        self.chief = chief
+        self.scratch: str | None = None
         self.created = False
 
     def __repr__(self) -> str:
-        return f"RunDirectory({self.path!r})"
+        return f"RunDirectory({self.path!r})" if self.chief else f"RunDirectory({self.path!r}, chief=False)"
 
     def __str__(self) -> str:
         return self.path
@@ -54,6 +66,12 @@ class RunDirectory:
         if self.remote:
             return "/".join([self.path.rstrip("/"), *names])
         return os.path.join(self.path, *names)
+
+    def output(self, *names: str) -> str:
+        """Where this process writes ``names``: in the run directory (chief) or in its scratch directory."""
+        if self.chief:
+            return self.join(*names)
+        return os.path.join(self.scratch, *names)
 
     def exists(self, name: str) -> bool:
         return _gfile().exists(self.join(name))
@@ -69,10 +87,16 @@ class RunDirectory:
         """Write ``name`` atomically (a reader never sees half a file)."""
         from keras_carp.checkpoints import atomic_write_text
 
-        atomic_write_text(self.join(name), json.dumps(value, indent=2))
+        atomic_write_text(self.output(name), json.dumps(value, indent=2))
 
     def create(self) -> RunDirectory:
-        """Create the directory and prove it is writable, before any training; OSError says why not."""
+        """Create the directory and prove it is writable, before any training; OSError says why not.
+
+        Not the chief: only its scratch directory is made (the chief creates the run directory).
+        """
+        if not self.chief:
+            self.scratch = tempfile.mkdtemp(prefix="carp-worker-")
+            return self
         gfile = _gfile()
         if gfile.exists(self.path) and not gfile.isdir(self.path):
             raise OSError(f"the output directory {self.path} exists and is not a directory.")
@@ -95,13 +119,19 @@ class RunDirectory:
             yield
         except BaseException:
             gfile = _gfile()
-            if self.created and gfile.isdir(self.path) and not gfile.listdir(self.path):
+            if self.chief and self.created and gfile.isdir(self.path) and not gfile.listdir(self.path):
                 gfile.rmtree(self.path)
             raise
 
+    def close(self) -> None:
+        """Remove the scratch directory of a process that is not the chief."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
     def truncate_csv_log(self, epochs_done: int, name: str = "training_log.csv") -> None:
         """Keep the CSV log's header and its first ``epochs_done`` epochs (rows past the checkpoint are redone)."""
-        if not self.exists(name):
+        if not self.chief or not self.exists(name):
             return
         from keras_carp.checkpoints import atomic_write_text
 
@@ -111,8 +141,8 @@ class RunDirectory:
 
     def export_encoder(self, model, name: str = "encoder") -> str:
         """The model's teacher encoder as a SavedModel in ``name`` (staged locally, then copied to a bucket)."""
-        target = self.join(name)
-        if not self.remote:
+        target = self.output(name)
+        if not self.chief or not self.remote:
             model.export_encoder(target, overwrite=True)
             return target
         gfile = _gfile()

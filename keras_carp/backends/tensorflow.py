@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_carp.backends import stateful_logs
+from keras_carp.distribute import across_workers
 from keras_carp.optimizers import batch_counter
 
 
@@ -68,4 +69,8 @@ def train_step(model, data):
     else:
         replica.merge_call(_ema_update, args=(model.ema_pairs, applied))
     model.optimizer.apply(gradients, trainable)
-    return stateful_logs(model, logs, step, momentum)
+    logs = stateful_logs(model, logs, step, momentum)
+    if across_workers(tf.distribute.get_strategy()):
+        # Keras averages the logs of several workers with strategy.reduce(MEAN, axis=0), which needs an axis.
+        logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs

@@ -13,6 +13,25 @@ def _to_numpy(x) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else keras.ops.convert_to_numpy(x)
 
 
+def batch_encoder(encoder: keras.Model):
+    """A function from an image batch to the encoder's features in inference mode, compiled.
+
+    ``encoder.predict_on_batch``, except for an encoder built under a TensorFlow
+    ``MultiWorkerMirroredStrategy`` of several workers: its ``predict`` gathers
+    every worker's outputs (a collective), so there a ``tf.function`` of the
+    encoder runs on this worker's own copy of the weights.
+    """
+    from keras_carp.distribute import across_workers
+
+    strategy = getattr(encoder, "distribute_strategy", None) if keras.backend.backend() == "tensorflow" else None
+    if strategy is None or not across_workers(strategy):
+        return encoder.predict_on_batch
+    import tensorflow as tf
+
+    forward = tf.function(lambda images: encoder(images, training=False))
+    return lambda images: forward(images).numpy()
+
+
 def extract_labelled_features(
     encoder: keras.Model,
     batches,
@@ -24,7 +43,7 @@ def extract_labelled_features(
 
     ``batches`` is any iterable of image batches or ``(images, labels)`` batches
     (``keras_carp.data.eval_dataset`` makes them with resize / centre crop). The
-    encoder runs through ``predict_on_batch`` (compiled: tf.function on TensorFlow, XLA on JAX).
+    encoder runs through ``batch_encoder`` (compiled: tf.function on TensorFlow, XLA on JAX).
     With ``cache_path`` the result is saved as ``.npz`` and read back next time.
     """
     if cache_path is not None and Path(cache_path).is_file():
@@ -36,12 +55,13 @@ def extract_labelled_features(
         total = cardinality if cardinality > 0 else None
     bar = keras.utils.Progbar(total, unit_name="batch") if progress else None
     features, labels = [], []
+    encode = batch_encoder(encoder)
     for index, batch in enumerate(batches):
         images, batch_labels = (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
         images = _to_numpy(images)
         if preprocess is not None:
             images = _to_numpy(preprocess(images))
-        features.append(np.asarray(encoder.predict_on_batch(images), "float32"))
+        features.append(np.asarray(encode(images), "float32"))
         if batch_labels is not None:
             labels.append(_to_numpy(batch_labels))
         if bar is not None:

@@ -19,6 +19,8 @@ import logging
 import keras
 import numpy as np
 
+from keras_carp.evaluation.features import batch_encoder
+
 logger = logging.getLogger("keras_carp.evaluation")
 
 
@@ -95,7 +97,7 @@ class OnlineLinearProbe(keras.callbacks.Callback):
 
     def features(self, images) -> np.ndarray:
         """Frozen-encoder features in inference mode (no gradient reaches the encoder)."""
-        return np.asarray(self.encoder().predict_on_batch(_to_numpy(images)), "float32")
+        return np.asarray(batch_encoder(self.encoder())(_to_numpy(images)), "float32")
 
     def _build_head(self, dim: int) -> keras.Model:
         head = keras.Sequential(

@@ -90,3 +90,29 @@ def test_a_bucket_path_goes_through_tf_io_gfile():
     with pytest.raises(ValueError), refused.removed_if_refused():
         raise ValueError("refused")
     assert not tf.io.gfile.exists("ram://bucket/runs/refused")
+
+
+def test_a_worker_that_is_not_the_chief_reads_the_run_directory_and_writes_only_its_scratch(tmp_path, monkeypatch):
+    shared = tmp_path / "run"
+    chief = RunDirectory(str(shared)).create()
+    chief.write_json("config.json", {"seed": 1})
+    (shared / "training_log.csv").write_text("epoch,loss\n0,1.0\n1,0.5\n")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    worker = RunDirectory(str(shared), chief=False).create()
+    assert not worker.created and worker.scratch.startswith(str(tmp_path / "tmp"))
+    assert worker.read_json("config.json") == {"seed": 1}  # reads: the shared directory
+    worker.write_json("summary.json", {"loss": 0.5})  # writes: its scratch
+    assert worker.output("checkpoints") == os.path.join(worker.scratch, "checkpoints")
+    assert json.loads(open(worker.output("summary.json")).read()) == {"loss": 0.5}
+    worker.truncate_csv_log(1)  # the chief's log is the chief's
+    assert (shared / "training_log.csv").read_text().count("\n") == 3
+    assert sorted(os.listdir(shared)) == ["config.json", "training_log.csv"]
+    with pytest.raises(RuntimeError), worker.removed_if_refused():  # never removes the shared directory
+        raise RuntimeError("refused")
+    assert shared.is_dir()
+    worker.close()
+    assert os.listdir(tmp_path / "tmp") == [] and worker.scratch is None
