@@ -174,14 +174,43 @@ def accelerator_kind() -> str:
     return "cpu"
 
 
-def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distribution:
+JOB_VARIABLES = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+
+
+def initialize_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> bool:  # fmt: skip
+    """Join a JAX multi-process job (``keras.distribution.initialize``) when the flags or Keras' variables
+    ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` / ``_NUM_PROCESSES`` / ``_PROCESS_ID`` describe one; returns whether
+    it did. Must run before any other JAX work."""
+    import os
+
+    given = (coordinator_address, num_processes, process_id)
+    if all(value is None for value in given) and not any(os.environ.get(name) for name in JOB_VARIABLES):
+        return False
+    try:
+        keras.distribution.initialize(coordinator_address, num_processes, process_id)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"could not join the JAX multi-process job ({error}); give --coordinator-address host:port, "
+            "--num-processes and --process-id (or KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES, _PROCESS_ID)."
+        ) from None
+    return True
+
+
+def setup_distribution(name: str = "auto", tpu: str | None = None, coordinator_address: str | None = None,
+                       num_processes: int | None = None, process_id: int | None = None) -> Distribution:  # fmt: skip
     """Resolve a strategy name for the active backend.
 
     TensorFlow: ``resolve_strategy``; TPUs train in ``mixed_bfloat16`` and,
     like multi-worker runs, read their input per host. JAX: ``auto``,
     ``mirrored`` and ``tpu`` mean ``DataParallel`` over the local devices (the
-    TPU cores on a TPU VM); multi-host JAX needs ``jax.distributed.initialize``
-    first. PyTorch: one device (``auto`` / ``none``).
+    TPU cores on a TPU VM); with a job described (``initialize_processes``),
+    ``DataParallel`` over every process's devices, each process feeding its
+    own share of the batch. PyTorch: one device (``auto`` / ``none``).
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}.")
@@ -207,8 +236,25 @@ def setup_distribution(name: str = "auto", tpu: str | None = None) -> Distributi
     if backend == "jax":
         if name == "none":
             return Distribution("one JAX device")
+        if initialize_processes(coordinator_address, num_processes, process_id):
+            import jax
+
+            devices = keras.distribution.list_devices()  # every process's devices: one global mesh
+            # Each process feeds its own share of every global batch (per-host input), so no auto-sharding.
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices,
+                                                                                auto_shard_dataset=False))  # fmt: skip
+            return Distribution(
+                f"keras.distribution.DataParallel over {len(devices)} devices of {jax.process_count()} processes",
+                len(devices),
+                per_host_input=True,
+                dtype_policy="mixed_bfloat16" if name == "tpu" else None,
+                process_index=jax.process_index(),
+                num_processes=jax.process_count(),
+            )
         if name == "multiworker":
-            raise ValueError("On JAX, call jax.distributed.initialize() on every host, then use the strategy 'auto'.")
+            raise ValueError("--strategy multiworker on JAX needs the job: --coordinator-address host:port, "
+                             "--num-processes and --process-id (or KERAS_DISTRIBUTION_JOB_ADDRESSES, "
+                             "_NUM_PROCESSES and _PROCESS_ID) on every process.")  # fmt: skip
         devices = keras.distribution.list_devices()
         if name == "tpu" and not any("tpu" in str(d).lower() for d in devices):
             raise ValueError(f"No TPU among the JAX devices {devices}.")

@@ -270,6 +270,15 @@ class RunConfig:
         resumable=True,
     )
     tpu: str | None = option(None, "TPU name or grpc:// address (Cloud TPU VMs find their own)", resumable=True)
+    coordinator_address: str | None = option(
+        None, "JAX multi-process: host:port of process 0 (else KERAS_DISTRIBUTION_JOB_ADDRESSES)", resumable=True
+    )
+    num_processes: int | None = option(
+        None, "JAX multi-process: how many processes (else KERAS_DISTRIBUTION_NUM_PROCESSES)", resumable=True
+    )
+    process_id: int | None = option(
+        None, "JAX multi-process: this process's index (else KERAS_DISTRIBUTION_PROCESS_ID)", resumable=True
+    )
     precision: str = option(
         "auto",
         "compute dtype: auto (mixed_bfloat16 on TPUs, float32 elsewhere), float32, mixed_bfloat16, or "

@@ -149,7 +149,9 @@ def setup_devices(config: PretrainConfig):
     from keras_carp import distribute
 
     try:
-        distribution = distribute.setup_distribution(config.run.strategy, config.run.tpu)
+        run = config.run
+        distribution = distribute.setup_distribution(run.strategy, run.tpu, run.coordinator_address,
+                                                     run.num_processes, run.process_id)  # fmt: skip
         distribute.check_global_batch(config.optimizer.batch_size, distribution.replicas)
     except ValueError as error:
         raise RunRefused(str(error)) from None
@@ -459,6 +461,8 @@ def training_datasets(config: PretrainConfig, data: Data, augmentation, distribu
     on_device = isinstance(augmentation, DeviceMultiCrop)
     image_size = device_image_size(config, data.train) if on_device else None
     if on_device and not tensorflow_available():
+        if distribution.num_processes > 1:
+            raise RunRefused("several JAX processes read their shares of the data with tf.data: install tensorflow.")
         return _pillow_datasets(config, data, image_size)
     from keras_carp.data import multicrop_dataset
     from keras_carp.data.pipeline import WholeImages
@@ -483,6 +487,11 @@ def training_datasets(config: PretrainConfig, data: Data, augmentation, distribu
         )
 
     def dataset_for(start_step: int):
+        if distribution.per_host_input and distribution.strategy is None:  # JAX processes: each its own shard
+            import tensorflow as tf
+
+            processes = distribution.num_processes
+            return pipeline(start_step, tf.distribute.InputContext(processes, distribution.process_index, processes))
         if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
             return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
         return pipeline(start_step)

@@ -26,12 +26,12 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
-def _start(out, logs, tmp_path):
+def _start(out, logs, tmp_path, backend="tensorflow", *extra):
     command = [sys.executable, "-m", "training.pretrain", *TINY_RUN, "--strategy", "multiworker",
-               "--output-dir", str(out)]  # fmt: skip
+               "--output-dir", str(out), *extra]  # fmt: skip
     scratch = tmp_path / f"{logs.name}-scratch"
     scratch.mkdir()
-    return Job(command, logs, extra_env={1: {"TMPDIR": str(scratch)}}), scratch
+    return Job(command, logs, backend=backend, extra_env={1: {"TMPDIR": str(scratch)}}), scratch
 
 
 def _files(directory) -> set:
@@ -92,3 +92,21 @@ def test_two_workers_write_one_run_directory_and_a_killed_worker_resumes(tmp_pat
     for mine, theirs in zip(resumed.weights, reference.weights):
         np.testing.assert_allclose(to_numpy(mine), to_numpy(theirs), rtol=1e-4, atol=1e-5, err_msg=mine.path)
     assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] == 6
+
+
+def test_two_jax_processes_train_one_run_directory(tmp_path):
+    """JAX: the job comes from Keras' KERAS_DISTRIBUTION_* variables; one global mesh, the chief writes."""
+    pytest.importorskip("jax")
+    out = tmp_path / "jax"
+    job, scratch = _start(out, tmp_path / "jax-logs", tmp_path, "jax", "--epochs", "1", "--warmup-epochs", "0",
+                          "--export", "false")  # fmt: skip
+    assert job.wait() == [0, 0], job.output(0)[1][-3000:] + job.output(1)[1][-3000:]
+    assert "DataParallel over 2 devices of 2 processes" in job.output(0)[0]
+    assert "process 1 of 2: the chief (process 0) wrote" in job.output(1)[0]
+    assert list(scratch.iterdir()) == []
+    files = _files(out)
+    for name in ("config.json", "training_log.csv", "model.keras", "summary.json", "checkpoints/step-000000005.keras"):
+        assert name in files, name
+    assert [row["epoch"] for row in csv_rows(out / "training_log.csv")] == ["0"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["process_index"] == 0 and np.isfinite(summary["final_loss"])
