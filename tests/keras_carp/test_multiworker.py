@@ -91,3 +91,11 @@ def test_two_jax_processes_match_one_device_with_the_same_global_batch(tmp_path)
     result = _single_then_job(tmp_path, "jax")
     assert result["replicas"] == 2
     _compare(result, processes=2)
+
+
+def test_no_job_described_means_no_processes_to_join(monkeypatch):
+    from keras_carp.distribute import JOB_VARIABLES, initialize_processes
+
+    for name in JOB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert initialize_processes() is False  # a lone process: nothing to join, nothing started
