@@ -73,9 +73,7 @@ def across_workers(strategy) -> bool:
     """Whether ``strategy`` is a ``MultiWorkerMirroredStrategy`` spanning more than one worker process."""
     import tensorflow as tf
 
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or strategy.cluster_resolver is None:
-        return False
-    return sum(len(tasks) for tasks in strategy.cluster_resolver.cluster_spec().as_dict().values()) > 1
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and worker_rank(strategy)[1] > 1
 
 
 def worker_rank(strategy) -> tuple[int, int]:

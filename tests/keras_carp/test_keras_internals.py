@@ -252,6 +252,34 @@ def test_jax_state_is_the_train_step_state():
         assert len(part) == len(variables), _changed("Trainer._get_jax_state", "parts do not match the variables")
 
 
+def test_symbolic_build_is_skipped_once_the_model_is_built_and_runs_before(monkeypatch):
+    """Trainer._maybe_symbolic_build(iterator=, data_batch=): Keras' hook reading a sample batch in fit (TF)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow-trainer internal")
+    assert callable(getattr(keras.Model, "_maybe_symbolic_build", None)), _changed(
+        "Trainer._maybe_symbolic_build", "gone"
+    )
+
+    class NoBatches:
+        def __iter__(self):
+            raise AssertionError("a built model read a sample batch")
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    calls = []
+    keras_hook = type(model)._maybe_symbolic_build
+    monkeypatch.setattr(type(model), "_maybe_symbolic_build",
+                        lambda self, **kw: calls.append(kw) or keras_hook(self, **kw))  # fmt: skip
+    keras_internals.skip_symbolic_build_once_built(model)  # wraps the (here recording) hook
+    model._maybe_symbolic_build(iterator=NoBatches())
+    assert not keras_internals.fully_built(model) and len(calls) == 1  # unbuilt: Keras' hook runs
+    model.optimizer.build(model.trainable_variables)
+    assert keras_internals.fully_built(model)
+    model._maybe_symbolic_build(iterator=NoBatches())  # built: skipped, no batch read
+    assert len(calls) == 1
+    model.fit(np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32"), epochs=1, verbose=0)  # fit still trains
+
+
 # ------------------------------------------------------------------- KerasHub
 def test_port_torchvision_resnet_maps_every_weight_by_torchvision_name():
     """keras_hub.src.utils.timm.convert_resnet.convert_weights and its port_weight(variable, key, hook_fn) loader."""
