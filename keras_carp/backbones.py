@@ -4,7 +4,7 @@
 features [N, D]: a feature map [N, H, W, C] is averaged over space; tokens
 [N, T, D] give the class token or the mean of the patch tokens; [N, D] is kept.
 A ViT is wrapped in ``AnyResolutionViT``, which interpolates its position
-embeddings to each input's patch grid (as DINO does), so the 224 and 96 px
+embeddings to each input's patch grid (DINO's idea, resized to the exact grid), so the 224 and 96 px
 crops of multi-crop run through one set of weights.
 
 ``build_encoder`` starts a named ResNet as the released code's torchvision
@@ -186,9 +186,9 @@ class AnyResolutionViT(keras.layers.Layer):
     KerasHub's ViT is built for one image shape. This layer reuses its weights
     (patch embedding, class token, position embeddings, encoder) and, for a
     patch grid other than the stored one, resizes the patch position
-    embeddings bicubically to the grid (the class token's is kept), as DINO's
-    ``interpolate_pos_encoding`` (PyTorch's bicubic, to the grid's size; see
-    ``bicubic_matrix``). At the stored size it equals the backbone.
+    embeddings bicubically to exactly that grid (the class token's is kept): DINOv2's
+    ``interpolate_pos_encoding`` with ``interpolate_offset=0`` and no antialiasing, where DINO v1 scales by
+    (grid + 0.1) / stored grid (PyTorch's bicubic; see ``bicubic_matrix``). At the stored size it equals the backbone.
     """
 
     def __init__(self, backbone: keras_hub.models.ViTBackbone, **kwargs):

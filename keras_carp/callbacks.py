@@ -1,9 +1,8 @@
-"""Every Keras callback of keras_carp, in one place.
+"""The training callbacks of keras_carp (the online linear probe, an evaluation, is ``keras_carp.evaluation``).
 
-- ``TeacherEMA``: the deprecated callback form of the teacher momentum
-  schedule (``CARP(teacher_momentum_schedule=TeacherMomentumSchedule(...))``
-  is the owner now); ``TeacherMomentumRunLength``, added by ``CARP.fit``,
-  resolves a schedule's length from the ``fit`` call.
+- ``TeacherEMA``: gives a ``CARP`` model its teacher momentum schedule for
+  ``fit`` (as Keras' ``LearningRateScheduler`` does the learning rate) and
+  logs the momentum.
 - ``StepTensorBoard`` and ``RunCSVLogger``: Keras' loggers, fixed for resumed
   runs and ``gs://`` paths.
 - ``RunCheckpoint``: atomic whole-state checkpoints, resume within an epoch,
@@ -14,9 +13,8 @@
 - ``KNNMonitor`` and ``CollapseMonitor``: k-NN accuracy and prototype
   collapse during ``fit`` (``keras_carp.evaluation``).
 
-The old import paths (``keras_carp.checkpoints.RunCheckpoint``,
-``keras_carp.data.SkippedImagesLogger``, ``keras_carp.evaluation.KNNMonitor``,
-...) still work: they re-export these classes.
+Callbacks take a model: this module sits above ``keras_carp.model``, which
+imports none of it.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from typing import TYPE_CHECKING
 
 import keras
@@ -46,79 +43,75 @@ evaluation_logger = logging.getLogger("keras_carp.evaluation")
 # ------------------------------------------------------------ teacher momentum
 @keras.saving.register_keras_serializable(package="keras_carp")
 class TeacherEMA(keras.callbacks.Callback):
-    """Deprecated callback form of the teacher momentum schedule; passing it to ``fit`` sets the model's schedule.
+    """The teacher momentum schedule of a ``CARP`` model's ``fit``, as a callback; logs the momentum.
 
-    ``model.fit(..., callbacks=[TeacherEMA(base, final, total_steps=n)])`` does
-    what ``CARP(..., teacher_momentum_schedule=TeacherMomentumSchedule(base,
-    final, total_steps=n))`` (or setting ``model.teacher_momentum_schedule``)
-    does, which is the form to use: the EMA itself always ran inside the
-    compiled train step, never in this callback. ``total_steps`` holds the
-    run's resolved length after ``fit`` starts.
+    ``model.fit(..., callbacks=[TeacherEMA(base, final, total_steps=n)])``
+    makes ``TeacherMomentumSchedule(base, final, n)`` the model's
+    ``teacher_momentum_schedule`` before training begins (``CARP.fit`` takes
+    it from this callback's ``teacher_momentum_schedule`` attribute), as Keras'
+    ``LearningRateScheduler`` gives the optimizer its learning rate. With
+    ``total_steps=None`` the cosine lasts the whole ``fit`` (epochs * steps per
+    epoch); ``total_steps`` holds that resolved length once ``fit`` has begun.
+    The schedule stays the model's after ``fit`` and is saved with it. Passing
+    ``CARP(teacher_momentum_schedule=...)`` or setting
+    ``model.teacher_momentum_schedule`` does the same without a callback.
+
+    The EMA update itself, ``teacher <- m * teacher + (1 - m) * student``,
+    runs inside ``CARP``'s compiled train step, not in this callback: as in the
+    released code the teacher moves with the pre-step student weights, after
+    the forward pass and before the optimizer update, where no callback hook
+    runs.
+
+    Logs: ``teacher_momentum``, m at the epoch's last batch, in each epoch's
+    logs (put ``CSVLogger``/``TensorBoard`` after it). The train step logs the
+    same name with the same value for every batch, so there is one
+    ``teacher_momentum`` column, not two.
     """
 
     def __init__(self, base_momentum: float = 0.99, final_momentum: float = 1.0, total_steps: int | None = None):
         super().__init__()
-        self.schedule = TeacherMomentumSchedule(base_momentum, final_momentum, total_steps)
-        self.total_steps = self.schedule.total_steps
-        warnings.warn(
-            "keras_carp.TeacherEMA is deprecated: pass CARP(teacher_momentum_schedule=keras_carp."
-            "TeacherMomentumSchedule(base_momentum, final_momentum, total_steps)) "
-            "or set model.teacher_momentum_schedule.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        self.teacher_momentum_schedule = TeacherMomentumSchedule(base_momentum, final_momentum, total_steps)
+        self.total_steps = self.teacher_momentum_schedule.total_steps
 
     @property
     def base_momentum(self) -> float:
-        return self.schedule.base_momentum
+        return self.teacher_momentum_schedule.base_momentum
 
     @property
     def final_momentum(self) -> float:
-        return self.schedule.final_momentum
-
-    @property
-    def requested_total_steps(self) -> int | None:
-        return self.schedule.total_steps
+        return self.teacher_momentum_schedule.final_momentum
 
     def momentum(self, step):
-        """Teacher momentum m at batch ``step`` (a scalar tensor), over the resolved run length."""
-        schedule = self.schedule if self.total_steps is None else self.schedule.with_total_steps(self.total_steps)
-        return schedule(step)
+        """Teacher momentum m at batch ``step`` (a float32 scalar tensor), over the resolved run length."""
+        schedule = self.teacher_momentum_schedule
+        return (schedule if self.total_steps is None else schedule.with_total_steps(self.total_steps))(step)
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not hasattr(model, "teacher_momentum_schedule"):
-            raise TypeError(f"TeacherEMA works with keras_carp.CARP models, got {type(model).__name__}.")
-        # CARP.fit made self.schedule the model's schedule, and TeacherMomentumRunLength (first) resolved it.
+        if getattr(model, "teacher_momentum_schedule", None) is not self.teacher_momentum_schedule:
+            raise TypeError(
+                f"TeacherEMA sets the teacher momentum of keras_carp.CARP models in CARP.fit; this fit is "
+                f"{type(model).__name__}'s, which did not take the schedule."
+            )
+        # CARP.fit made the schedule the model's and resolved its length (first of all callbacks).
         self.total_steps = model.resolved_teacher_momentum_schedule.total_steps
 
-    def get_config(self) -> dict:
-        return self.schedule.get_config()
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            last_batch = max(int(keras.ops.convert_to_numpy(batch_counter(self.model.optimizer))) - 1, 0)
+            logs["teacher_momentum"] = float(keras.ops.convert_to_numpy(self.model.teacher_momentum(last_batch)))
 
-    def resolved_config(self) -> dict:
-        """The config with the run's length filled in."""
-        return {**self.get_config(), "total_steps": self.total_steps}
+    def get_config(self) -> dict:
+        return self.teacher_momentum_schedule.get_config()
 
     @classmethod
     def from_config(cls, config: dict) -> TeacherEMA:
         return cls(**config)
 
 
-class TeacherMomentumRunLength(keras.callbacks.Callback):
-    """Added first by ``CARP.fit``: resolves the model's momentum schedule length to this fit's epochs * steps.
-
-    Keras knows the number of steps only once ``fit`` has looked at the data,
-    so the length is filled in at ``on_train_begin`` (``CARP.resolve_teacher_momentum``).
-    Not for direct use.
-    """
-
-    def on_train_begin(self, logs=None):
-        self.model.resolve_teacher_momentum(self.params.get("epochs"), self.params.get("steps"))
-
-
 # ------------------------------------------------------------------- logging
 class StepTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' ``TensorBoard`` whose step summaries are indexed by the optimizer step, not by batches of this fit.
+    """Keras' ``TensorBoard`` whose step summaries are indexed by the run's batch count, not by batches of this fit.
 
     Keras counts step summaries from 0 at every ``fit`` call, so a resumed
     run's curves would restart at the left edge; here they continue from the
@@ -171,7 +164,7 @@ def _csv_header(path: str) -> list[str]:
 
 # --------------------------------------------------------------- checkpoints
 class RunCheckpoint(keras.callbacks.Callback):
-    """Save the whole training state every ``every_steps`` optimizer steps and at every epoch's end.
+    """Save the whole training state every ``every_steps`` training batches and at every epoch's end.
 
     Stops the run with ``NonFiniteLossError`` as soon as the loss is NaN or
     infinite, before that state is saved, naming the step and the last good
@@ -296,7 +289,7 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def evaluate(self) -> dict:
         encoder = _encoder(self.model, self.which)
-        from keras_carp.evaluation.knn import knn_accuracy  # here: keras_carp.evaluation imports this module
+        from keras_carp.evaluation.knn import knn_accuracy  # on first use: `import keras_carp` loads no protocol
 
         return knn_accuracy(encoder, self.train_data, self.test_data, self.k, self.temperature, self.num_classes)
 

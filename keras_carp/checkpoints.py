@@ -14,6 +14,10 @@ half-written file never has a name that ``latest_checkpoint`` looks at.
 Keras' ``BackupAndRestore`` is not enough here: it restarts an interrupted
 epoch from its first batch, overwrites its one file in place, and keeps no
 epoch means. Paths may be local or ``gs://`` (``tf.io.gfile``).
+
+The callback that writes them during ``fit`` is
+``keras_carp.callbacks.RunCheckpoint``; this module holds the file helpers and
+finds them again (``latest_checkpoint``).
 """
 
 from __future__ import annotations
@@ -160,12 +164,3 @@ class NonFiniteLossError(RuntimeError):
         self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
         super().__init__(f"the loss became {value} at step {step}; training stopped, {where}.")
-
-
-def __getattr__(name: str):
-    """``RunCheckpoint`` lives in ``keras_carp.callbacks`` (which imports this module); re-exported here."""
-    if name == "RunCheckpoint":
-        from keras_carp.callbacks import RunCheckpoint
-
-        return RunCheckpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

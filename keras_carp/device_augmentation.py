@@ -11,9 +11,13 @@ recipe of ``keras_carp.view_recipe`` (the same settings as the tf.data
   two per-image resampling matrices (a batched matmul, fast on accelerators);
   a horizontal flip is the same matrix with its rows reversed;
 - colour jitter (brightness, contrast, saturation, hue) in a random order per
-  image, as torchvision's ``ColorJitter``; grayscale; Gaussian blur with a
-  per-image sigma (again two banded matrices, reflect padding, truncated at
-  3 sigma as the host recipe); solarisation; ImageNet normalisation.
+  image, as torchvision's ``ColorJitter``; the hue rotation is torchvision's
+  HSV round trip written so that compiled and eager programs agree (see
+  ``adjust_hue``); grayscale; PIL's ``GaussianBlur(radius=sigma)`` with a
+  per-image sigma: not a truncated Gaussian but three passes of Pillow's
+  extended box blur per axis with edge-replicate padding (again two
+  per-image matrices); PIL's solarisation (pixels >= 128 of 255 inverted);
+  ImageNet normalisation.
 
 Randomness is a counter-based hash (``keras_carp.partition.mix32``) of
 (seed, step, image index, crop, draw): no state, no host sync, the same views
@@ -35,14 +39,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from keras_carp.imagenet import normalize
 from keras_carp.partition import _logical_right_shift, mix32
-from keras_carp.view_recipe import JITTER_STRENGTH, ViewRecipe
+from keras_carp.view_recipe import JITTER_STRENGTH, LUMA, SOLARIZE_THRESHOLD, ViewRecipe
 
 _SALT = 0x2545F491  # keeps the view keys apart from the partition's keys of the same (seed, step)
 _DRAWS_PER_CROP = 64
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's "L" and torchvision's rgb_to_grayscale
+_BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
 
 
 # ------------------------------------------------------------------------------------------------- randomness
@@ -133,7 +137,8 @@ def _per_image(values):
 
 def grayscale(images):
     """Luma [N, H, W, 1] of RGB images."""
-    return ops.sum(images * ops.convert_to_tensor(_GRAY, images.dtype), axis=-1, keepdims=True)
+    images = ops.convert_to_tensor(images, "float32")
+    return ops.sum(images * ops.convert_to_tensor(LUMA, images.dtype), axis=-1, keepdims=True)
 
 
 def _blend(images, other, factor):
@@ -143,18 +148,54 @@ def _blend(images, other, factor):
 
 
 def adjust_hue(images, shift):
-    """Rotate the hue by ``shift`` [N] turns in HSV space (torchvision's adjust_hue)."""
-    hsv = ops.image.rgb_to_hsv(images, data_format="channels_last")
-    hue = ops.mod(hsv[..., :1] + _per_image(shift), 1.0)
-    return ops.clip(ops.image.hsv_to_rgb(ops.concatenate([hue, hsv[..., 1:]], axis=-1), data_format="channels_last"),
-                    0.0, 1.0)  # fmt: skip
+    """Rotate the hue by ``shift`` [N] turns, as torchvision's adjust_hue (RGB -> HSV, shift, HSV -> RGB).
+
+    Written out instead of ``keras.ops.image.rgb_to_hsv``/``hsv_to_rgb``,
+    which choose the hue's formula by ``max(r, g, b) == r`` (then ``== g``):
+    a compiler that fuses the max and the comparison into different kernels
+    may recompute ``r`` there with another rounding (XLA on CPU contracts a
+    multiply-add into an FMA in one kernel and not in the other), the
+    equality fails and a pure red pixel takes the blue formula, a hue 2/3 of
+    a turn away. Here the sextant comes from comparisons between the
+    channels, the three formulas agree where the sextants meet, and the
+    result is written as ``min + chroma * curve(hue)`` (HSV's
+    ``v * (1 - s + s * curve)``): a rounding difference anywhere moves the
+    output by a rounding difference, and grey pixels stay exactly as they are.
+    """
+    red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+    maximum = ops.maximum(ops.maximum(red, green), blue)
+    minimum = ops.minimum(ops.minimum(red, green), blue)
+    chroma = maximum - minimum
+    safe_chroma = ops.where(chroma > 0, chroma, ops.ones_like(chroma))
+    sextant = ops.where(
+        (red >= green) & (red >= blue),
+        (green - blue) / safe_chroma,
+        ops.where(green >= blue, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
+    )  # hue in sixths of a turn, in [-1, 5]
+    shift = ops.reshape(ops.convert_to_tensor(shift, images.dtype), (-1, 1, 1))
+    sixths = ops.mod(sextant / 6.0 + shift, 1.0) * 6.0
+    curves = (
+        ops.clip(ops.abs(sixths - 3.0) - 1.0, 0.0, 1.0),
+        ops.clip(2.0 - ops.abs(sixths - 2.0), 0.0, 1.0),
+        ops.clip(2.0 - ops.abs(sixths - 4.0), 0.0, 1.0),
+    )
+    rotated = ops.stack([minimum + chroma * curve for curve in curves], axis=-1)
+    return ops.clip(rotated, 0.0, 1.0)
+
+
+def _ranks(keys):
+    """int32 [N, K]: each key's place in its row's ascending order, ties to the lower index (a stable argsort)."""
+    count = keys.shape[1]
+    lower_index = ops.convert_to_tensor(np.tril(np.ones((count, count), bool), -1))  # [k, j]: j < k
+    before = (keys[:, None, :] < keys[:, :, None]) | ((keys[:, None, :] == keys[:, :, None]) & lower_index[None])
+    return ops.sum(ops.cast(before, "int32"), axis=2)
 
 
 def color_jitter(images, draws):
     """Brightness, contrast, saturation and hue in a random order per image, as torchvision's ColorJitter.
 
     ``draws`` [N, 8]: the four strengths' uniforms, then four uniforms whose
-    ranks are the order of the operations.
+    ranks are the order of the operations (ties: the lower operation first).
     """
     brightness, contrast, saturation, hue = JITTER_STRENGTH
 
@@ -162,9 +203,8 @@ def color_jitter(images, draws):
         return 1.0 - strength + 2.0 * strength * draws[:, index]
 
     images, draws = ops.convert_to_tensor(images, "float32"), ops.convert_to_tensor(draws, "float32")
-    order = ops.argsort(draws[:, 4:8], axis=1)
+    ranks = _ranks(draws[:, 4:8])  # operation k runs at position ranks[:, k]
     for position in range(4):
-        operation = _per_image(order[:, position])
         adjusted = [
             _blend(images, 0.0, factor(0, brightness)),
             _blend(images, ops.mean(grayscale(images), axis=(1, 2, 3), keepdims=True), factor(1, contrast)),
@@ -173,25 +213,69 @@ def color_jitter(images, draws):
         ]
         images = adjusted[3]
         for index in (2, 1, 0):
-            images = ops.where(operation == index, adjusted[index], images)
+            images = ops.where(_per_image(ranks[:, index] == position), adjusted[index], images)
     return images
 
 
-def blur_matrix(sigma, size: int, max_radius: int):
-    """float32 [N, size, size]: Gaussian blur along one axis, reflect padding, taps within ceil(3 sigma)."""
-    taps = np.arange(-max_radius, max_radius + 1)
-    positions = np.arange(size)[None, :] + taps[:, None]  # [T, size]
-    period = np.mod(positions, 2 * size)
-    sources = np.where(period < size, period, 2 * size - 1 - period)  # symmetric (half-sample) reflection
+def pil_box_radius(sigma):
+    """The extended box radius of PIL's ``GaussianBlur(radius=sigma)`` (BoxBlur.c ``_gaussian_blur_radius``).
+
+    Three box passes of radius ``l + a`` (``l`` whole taps either side at full
+    weight, the next tap at weight ``a``) have the variance ``sigma ** 2``.
+    Works on floats and tensors; ``a`` is in [0, 1] and ``l + a`` is
+    continuous in sigma (where ``l`` steps up, ``a`` goes from 1 to 0).
+    """
+    sqrt, floor = math.sqrt, math.floor
+    if not isinstance(sigma, (int, float)):
+        sqrt, floor, sigma = ops.sqrt, ops.floor, ops.convert_to_tensor(sigma, "float32")
+    sigma2 = sigma * sigma / _BLUR_PASSES
+    whole = floor((sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)
+    fraction = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (whole + 1.0) ** 2))
+    return whole + fraction
+
+
+def box_blur_matrix(radius, size: int, max_radius: float):
+    """float32 [N, size, size]: one pass of PIL's extended box blur of ``radius`` [N] along an axis.
+
+    Weight ``1 / (2 r + 1)`` on the ``2 floor(r) + 1`` nearest pixels and
+    ``(r - floor(r)) / (2 r + 1)``, i.e. ``clip(r + 1 - |t|, 0, 1) / (2 r + 1)``
+    at offset ``t``, on the two next ones; pixels beyond the edges repeat the
+    edge pixel (PIL's clamp). Taps up to ``floor(max_radius) + 1``, so the
+    shape is static; a smaller radius weighs the outer taps zero.
+    """
+    reach = math.floor(max_radius) + 1
+    taps = np.arange(-reach, reach + 1)
+    sources = np.clip(np.arange(size)[None, :] + taps[:, None], 0, size - 1)  # [T, size], edge-replicate
     gather = np.zeros((len(taps), size, size), "float32")
     gather[np.arange(len(taps))[:, None], np.arange(size)[None, :], sources] = 1.0
-    offsets = ops.convert_to_tensor(taps.astype("float32"))[None, :]
-    sigma = ops.expand_dims(ops.convert_to_tensor(sigma, "float32"), 1)
-    weights = ops.exp(-0.5 * ops.square(offsets / sigma))
-    weights = ops.where(ops.abs(offsets) <= ops.ceil(3.0 * sigma), weights, ops.zeros_like(weights))
-    weights = weights / ops.sum(weights, axis=1, keepdims=True)
-    # A tap's pixel may be reached twice near an edge: the gather sums them, as padding does.
+    radius = ops.expand_dims(ops.convert_to_tensor(radius, "float32"), 1)
+    offsets = ops.convert_to_tensor(np.abs(taps).astype("float32"))[None, :]
+    weights = ops.clip(radius + 1.0 - offsets, 0.0, 1.0) / (2.0 * radius + 1.0)
     return ops.einsum("nt,tos->nos", weights, ops.convert_to_tensor(gather))
+
+
+def blur_matrix(sigma, size: int, max_sigma: float):
+    """float32 [N, size, size]: PIL's ``GaussianBlur(radius=sigma)`` along one axis, per-image ``sigma`` [N].
+
+    Three passes of the extended box blur, each with its own edge clamp: the
+    pass matrix cubed (two batched matmuls). ``max_sigma`` (the recipe's
+    largest sigma) fixes the taps.
+    """
+    box = box_blur_matrix(pil_box_radius(ops.convert_to_tensor(sigma, "float32")), size, pil_box_radius(max_sigma))
+    return ops.matmul(box, ops.matmul(box, box))
+
+
+def gaussian_blur(images, sigma, max_sigma: float):
+    """PIL's ``GaussianBlur(radius=sigma)`` of float images [N, H, W, C] with a sigma [N] per image."""
+    images = ops.convert_to_tensor(images, "float32")
+    rows = blur_matrix(sigma, images.shape[1], max_sigma)
+    columns = rows if images.shape[1] == images.shape[2] else blur_matrix(sigma, images.shape[2], max_sigma)
+    return resample(images, rows, columns)
+
+
+def solarize(images):
+    """PIL's ``ImageOps.solarize``: pixels at or above 128 of 255 inverted."""
+    return ops.where(images < SOLARIZE_THRESHOLD, images, 1.0 - images)
 
 
 # ----------------------------------------------------------------------------------------------------- the views
@@ -260,12 +344,8 @@ class DeviceMultiCrop(ViewRecipe):
         if blur_probability > 0:
             low, high = self.blur_sigma
             sigma = low + (high - low) * flags[:, 11]
-            blur = blur_matrix(sigma, size, math.ceil(3 * high))
-            blurred = resample(views, blur, blur)
+            blurred = gaussian_blur(views, sigma, high)
             views = ops.where(_per_image(flags[:, 12] < blur_probability), blurred, views)
         if solarize_probability > 0:
-            solarized = ops.where(views < 0.5, views, 1.0 - views)
-            views = ops.where(_per_image(flags[:, 13] < solarize_probability), solarized, views)
-        mean = ops.convert_to_tensor(IMAGENET_MEAN, "float32")
-        std = ops.convert_to_tensor(IMAGENET_STD, "float32")
-        return (views - mean) / std
+            views = ops.where(_per_image(flags[:, 13] < solarize_probability), solarize(views), views)
+        return normalize(views)

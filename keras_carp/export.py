@@ -143,8 +143,8 @@ def _write_saved_model(
 ) -> None:
     import tensorflow as tf
 
-    from keras_carp.data.augment import to_float_image
     from keras_carp.data.pipeline import center_crop
+    from keras_carp.imagenet import to_float_image
 
     settings = ServingPreprocessing(**preprocessing)
     network, head = select_networks(model, encoder)

@@ -18,17 +18,15 @@ which ``finetune`` therefore does not offer.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_carp.data.sources import ArraySource, FolderSource, ImageSource, SkippedImages, TFDSSource
+from keras_carp.data.sources import ImageSource, check_label_fraction, load_source
+from keras_carp.data.sources import label_fraction_indices as label_fraction_indices  # re-exported
 
 ENCODER_LEARNING_RATE = 0.002
 HEAD_LEARNING_RATE = 0.5
@@ -45,102 +43,18 @@ IMAGENET_SUBSETS = {0.01: "1pct", 0.1: "10pct"}
 # ----------------------------------------------------------------------------- label fractions
 
 
-def check_label_fraction(fraction: float) -> float:
-    """``fraction`` as a float in (0, 1]; a clear error otherwise."""
-    try:
-        value = float(fraction)
-    except (TypeError, ValueError):
-        raise ValueError(f"label fraction must be a number in (0, 1], got {fraction!r}.") from None
-    if not 0.0 < value <= 1.0 or math.isnan(value):
-        raise ValueError(f"label fraction must be in (0, 1] (0.01 for 1 %), got {fraction!r}.")
-    return value
-
-
-def label_fraction_indices(labels, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted indices of a class-balanced ``fraction`` of ``labels``, the same for the same seed.
-
-    Each class keeps ``round(fraction * its count)`` images, at least one, drawn
-    uniformly from a ``numpy`` generator seeded with ``seed``. Each class's
-    images are ranked by one permutation whatever the fraction, so with one
-    seed the 1 % subset is contained in the 10 % subset.
-    """
-    fraction = check_label_fraction(fraction)
-    labels = np.asarray(labels).astype("int64").reshape(-1)
-    if labels.size == 0:
-        raise ValueError("No labels to draw a fraction from (the dataset is empty).")
-    if labels.min() < 0:
-        raise ValueError(f"Labels must be non-negative class indices, got {int(labels.min())}.")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        keep = max(1, int(math.floor(fraction * len(members) + 0.5)))
-        chosen.append(rng.permutation(members)[:keep])
-    return np.sort(np.concatenate(chosen))
-
-
-class _TFDSSubset(ImageSource):
-    """Some examples of a TFDS split, by their position in the split's unshuffled file order."""
-
-    encoded = True
-    records_hold_images = True
-
-    def __init__(self, base: TFDSSource, indices: np.ndarray, name: str):
-        super().__init__()
-        self.base, self.indices = base, np.asarray(indices, "int64")
-        self.name, self.num_examples = name, len(self.indices)
-        self.class_names, self.image_shape = base.class_names, base.image_shape
-
-    def _ordered(self):
-        import tensorflow_datasets as tfds
-
-        base = self.base
-        decoders = {base.image_key: tfds.decode.SkipDecoding()}
-        return base.builder.as_dataset(split=base.split, decoders=decoders, shuffle_files=False)
-
-    def records(self, input_context=None, seed: int = 0):
-        import tensorflow as tf
-
-        from keras_carp.data.sources import _shard
-
-        keep = np.zeros(int(self.indices.max()) + 1, bool)
-        keep[self.indices] = True
-        size, keep = len(keep), tf.constant(keep)
-        keys = [self.base.image_key, self.base.label_key]
-        dataset = (
-            self._ordered()
-            .enumerate()
-            .filter(lambda index, _: tf.logical_and(index < size, tf.gather(keep, tf.minimum(index, size - 1))))
-        )
-        return _shard(dataset.map(lambda _, example: {k: example[k] for k in keys}), input_context)
-
-    def load(self, record) -> dict:
-        return self.base.load(record)
-
-
-def _tfds_labels(source: TFDSSource) -> np.ndarray:
-    """Every label of a TFDS split in its unshuffled order (reads the split once)."""
-    subset = _TFDSSubset(source, np.zeros(0, "int64"), source.name)
-    labels = subset._ordered().map(lambda example: example[source.label_key])
-    return np.fromiter(labels.as_numpy_iterator(), "int64")
-
-
-def _is_imagenet(source: ImageSource) -> bool:
-    return isinstance(source, TFDSSource) and source.builder.name == "imagenet2012"
-
-
 def label_fraction_subset(source: ImageSource, fraction: float, seed: int = 0) -> ImageSource:
     """The labelled images fine-tuning sees: ``fraction`` of ``source``'s, class-balanced from ``seed``.
 
     ImageNet (a TFDS ``imagenet2012`` source) takes TFDS ``imagenet2012_subset``
     (``1pct`` / ``10pct``, prepared from the same archives) and accepts only
-    those two fractions; in-memory arrays, image folders and other TFDS
-    datasets get ``label_fraction_indices``. A fraction of 1 returns ``source``.
+    those two fractions; any other source takes ``source.subset(fraction, seed)``
+    (``label_fraction_indices``). A fraction of 1 returns ``source``.
     """
     fraction = check_label_fraction(fraction)
     if not source.has_labels:
         raise ValueError(f"{source.name} has no labels to fine-tune on.")
-    if _is_imagenet(source):
+    if source.tfds_name == "imagenet2012":
         config = next((name for value, name in IMAGENET_SUBSETS.items() if math.isclose(value, fraction)), None)
         if config is None:
             if fraction == 1.0:
@@ -148,29 +62,8 @@ def label_fraction_subset(source: ImageSource, fraction: float, seed: int = 0) -
             raise ValueError(
                 f"ImageNet label fractions are TFDS imagenet2012_subset's 0.01 (1pct) and 0.1 (10pct), got {fraction}."
             )
-        data_dir = Path(source.builder.data_dir).parents[len(source.builder.info.full_name.split("/")) - 1]
-        return TFDSSource(f"imagenet2012_subset/{config}", "train", data_dir)
-    if fraction == 1.0:
-        return source
-    name = f"{source.name}[{100 * fraction:g}% labels, seed {seed}]"
-    if isinstance(source, ArraySource):
-        indices = label_fraction_indices(source.labels, fraction, seed)
-        return ArraySource(source.images[indices], source.labels[indices], source.class_names, name=name)
-    if isinstance(source, FolderSource):
-        indices = label_fraction_indices(source.scan.labels, fraction, seed)
-        subset = copy.copy(source)
-        subset.scan = dataclasses.replace(
-            source.scan,
-            files=[source.scan.files[i] for i in indices],
-            labels=[source.scan.labels[i] for i in indices],
-            sizes=[source.scan.sizes[i] for i in indices],
-        )
-        subset.name, subset.num_examples, subset.skipped = name, len(indices), SkippedImages()
-        return subset
-    if isinstance(source, TFDSSource):
-        return _TFDSSubset(source, label_fraction_indices(_tfds_labels(source), fraction, seed), name)
-    raise TypeError(f"Cannot take a label fraction of {type(source).__name__}; pass an ArraySource, "
-                    "FolderSource or TFDSSource.")  # fmt: skip
+        return load_source(f"imagenet2012_subset/{config}", "train", source.data_root)
+    return source.subset(fraction, seed, name=f"{source.name}[{100 * fraction:g}% labels, seed {seed}]")
 
 
 # ----------------------------------------------------------------------------- the classifier

@@ -13,7 +13,6 @@ from keras import ops
 
 from keras_carp import backends, keras_internals
 from keras_carp.batch_norm import MOMENTS, batch_norm_layers, use_one_pass_moments
-from keras_carp.callbacks import TeacherEMA, TeacherMomentumRunLength
 from keras_carp.device_augmentation import DeviceMultiCrop
 from keras_carp.heads import CARPHead
 from keras_carp.losses import CARPLoss, check_partition
@@ -131,7 +130,9 @@ class CARP(keras.Model):
             ``epochs * steps_per_epoch`` (``resolve_teacher_momentum``); the
             resolved schedule is what ``get_config`` saves, so a model loaded
             from a ``.keras`` file resumes on it. Settable as
-            ``model.teacher_momentum_schedule``.
+            ``model.teacher_momentum_schedule``, or by a ``fit`` callback
+            (``keras_carp.callbacks.TeacherEMA``); either way the EMA update
+            runs in the train step (step 3 above).
 
     Feed ``fit`` batches of ``(crop_0, crop_1, *local_crops)``, optionally as
     ``((crops...), labels)``, or whole images with ``augmentation``; labels
@@ -287,7 +288,7 @@ class CARP(keras.Model):
     def resolve_teacher_momentum(self, epochs: int | None, steps_per_epoch: int | None) -> TeacherMomentumSchedule:
         """Fix the schedule's length for a ``fit`` of ``epochs * steps_per_epoch`` batches, unless it has one.
 
-        Called at the start of every ``fit`` (``TeacherMomentumRunLength``).
+        Called at the start of every ``fit``, before any other callback.
         Raises ValueError when the schedule needs a length the data cannot give.
         """
         schedule = self._teacher_momentum_schedule
@@ -359,28 +360,27 @@ class CARP(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         """``keras.Model.fit`` on the model's teacher momentum schedule, its length resolved for this call.
 
-        A (deprecated) ``TeacherEMA`` among ``callbacks`` first becomes the
-        model's ``teacher_momentum_schedule``.
+        A callback with a ``teacher_momentum_schedule`` attribute (a
+        ``TeacherMomentumSchedule``), i.e. ``keras_carp.callbacks.TeacherEMA``,
+        first makes that schedule the model's. The model reads the attribute
+        and imports no callback: callbacks are built on the model, not the
+        other way round.
         """
         callbacks = list(callbacks or [])
-        for callback in callbacks:
-            if isinstance(callback, TeacherEMA):
-                self.teacher_momentum_schedule = callback.schedule
+        given = [
+            schedule
+            for schedule in (getattr(callback, "teacher_momentum_schedule", None) for callback in callbacks)
+            if isinstance(schedule, TeacherMomentumSchedule)
+        ]
+        if len(given) > 1:
+            raise ValueError(f"fit got {len(given)} callbacks that set the teacher momentum schedule: {given}.")
+        if given:
+            self.teacher_momentum_schedule = given[0]
         # First, so that every other callback's on_train_begin sees the resolved schedule.
-        callbacks.insert(0, TeacherMomentumRunLength())
+        callbacks.insert(0, _TeacherMomentumRunLength())
         if keras.backend.backend() == "tensorflow":  # no sample batch reduced across workers when built
             keras_internals.skip_symbolic_build_once_built(self)
         return super().fit(*args, callbacks=callbacks, **kwargs)
-
-    def export_encoder(self, path, encoder: str = "teacher", **kwargs):
-        """Write the teacher (or student) encoder as a TensorFlow SavedModel; see ``keras_carp.export``.
-
-        Keyword arguments: ``preprocessing`` (a ``ServingPreprocessing``),
-        ``include_embedding``, ``include_assignments``, ``overwrite``.
-        """
-        from keras_carp.export import export_encoder
-
-        return export_encoder(self, path, encoder=encoder, **kwargs)
 
     def call(self, images, training=False):
         """Pooled features of the teacher encoder (the one exported and evaluated)."""
@@ -416,11 +416,19 @@ class CARP(keras.Model):
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
         schedule = config.pop("teacher_momentum_schedule", None)
-        legacy = config.pop("teacher_ema", None)  # files written before TeacherMomentumSchedule
         if schedule is not None:
             schedule = keras.saving.deserialize_keras_object(schedule)
-        elif legacy is not None:
-            schedule = TeacherMomentumSchedule.from_config(legacy)
         if config.get("augmentation") is not None:
             config["augmentation"] = keras.saving.deserialize_keras_object(config["augmentation"])
         return cls(**config, teacher_momentum_schedule=schedule)
+
+
+class _TeacherMomentumRunLength(keras.callbacks.Callback):
+    """Added first by ``CARP.fit``: resolves the model's momentum schedule length to this fit's epochs * steps.
+
+    Keras knows the number of steps only once ``fit`` has looked at the data,
+    so the length is filled in at ``on_train_begin`` (``CARP.resolve_teacher_momentum``).
+    """
+
+    def on_train_begin(self, logs=None):
+        self.model.resolve_teacher_momentum(self.params.get("epochs"), self.params.get("steps"))

@@ -13,6 +13,10 @@ import dataclasses
 
 # The colour jitter strengths of the recipe: brightness, contrast, saturation (factors around 1) and hue (shift).
 JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
+# ITU-R 601-2 luma: PIL's "L" conversion, torchvision's rgb_to_grayscale (grayscale views, contrast, saturation).
+LUMA = (0.299, 0.587, 0.114)
+# PIL's ImageOps.solarize inverts pixels at or above 128 of 255.
+SOLARIZE_THRESHOLD = 128 / 255
 
 
 @dataclasses.dataclass(frozen=True)

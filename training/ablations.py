@@ -18,14 +18,17 @@ direction, whether ours agrees, the command) is printed and written to ``OUTPUT_
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from training.cli import CommandConfig, option, parse
+from training.config import available_presets
 
 # name -> (flags beyond the preset, the paper's finding, the check of our result against the baseline row)
 ROWS = {
@@ -38,6 +41,40 @@ ROWS = {
     "block-{B}": (["--block-size", "{B}"], "Table 5: N_B 128 to 4096 within 0.3 % of each other", "similar"),
 }  # fmt: skip
 SIMILAR_POINTS = 1.5  # k-NN points within which two rows count as "similar" at this scale
+
+
+def row_names(second_block_size: int) -> list[str]:
+    """The rows' names, ``block-{B}`` filled in."""
+    return [name.format(B=second_block_size) for name in ROWS]
+
+
+@dataclass(kw_only=True)
+class AblationsConfig(CommandConfig):
+    """carp-ablations' options: one flag per field; the words after ``--`` go to every carp-pretrain run."""
+
+    preset: str = option("digits", "carp-pretrain preset for every row")
+    output_dir: str = option("runs/ablations", "one run directory per row inside")
+    second_block_size: int = option(32, "the block-<n> row's N_B")
+    rows: tuple[str, ...] | None = option(
+        None, "comma list: a subset of the rows (the random baseline always runs; default: all)", separator=",",
+        metavar="ROW,...",
+    )  # fmt: skip
+    pretrain_args: tuple[str, ...] = option(
+        (), "carp-pretrain flags for every run, before the row's own (e.g. -- --epochs 10)", remainder=True
+    )
+
+    def validate(self) -> None:
+        self.positive("second_block_size")
+        presets = available_presets()
+        self.require(self.preset in presets, f"unknown --preset {self.preset!r}; available: {', '.join(presets)}")
+        names = row_names(self.second_block_size)
+        unknown = sorted(set(self.rows or ()) - set(names))
+        self.require(not unknown, f"unknown rows {unknown}; choose from {names}")
+
+
+def parse_config(argv: list[str] | None = None) -> AblationsConfig:
+    """carp-ablations' command line as an ``AblationsConfig``; bad values stop here in one line (exit status 2)."""
+    return parse(AblationsConfig, argv, "carp-ablations", __doc__.splitlines()[0])
 
 
 def row_flags(name: str, flags: list[str], num_prototypes: int, second_block: int) -> tuple[str, list[str]]:
@@ -85,20 +122,12 @@ def markdown(rows: list[dict], preset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="carp-ablations", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="digits", help="carp-pretrain preset for every row (default: digits)")
-    parser.add_argument("--output-dir", default="runs/ablations", help="one run directory per row inside")
-    parser.add_argument("--second-block-size", type=int, default=32, help="the block-<n> row's N_B")
-    parser.add_argument("--rows", default=None, help="comma-separated subset of the rows (default: all)")
-    args = parser.parse_args(argv)
+def ablations(args: AblationsConfig) -> list[dict]:
+    """Run (or read back) every row of ``args``; write ablations.md and ablations.json; the rows' results."""
+    from training.pretrain import parse_config as parse_pretrain_config
 
-    from training.pretrain import parse_config
-
-    num_prototypes = int(parse_config(["--preset", args.preset, *extra])["num_prototypes"])
+    extra = list(args.pretrain_args)
+    num_prototypes = int(parse_pretrain_config(["--preset", args.preset, *extra])["num_prototypes"])
     if num_prototypes % args.second_block_size:
         raise SystemExit(f"carp-ablations: --second-block-size {args.second_block_size} must divide K = "
                          f"{num_prototypes}.")  # fmt: skip
@@ -110,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(*row_flags(name, flags, num_prototypes, args.second_block_size), paper, check)
             for name, (flags, paper, check) in ROWS.items()]  # fmt: skip
     if args.rows:
-        wanted = args.rows.split(",")
-        unknown = sorted(set(wanted) - {name for name, *_ in rows})
-        if unknown:
-            raise SystemExit(f"carp-ablations: unknown rows {unknown}; choose from {[n for n, *_ in rows]}.")
-        rows = [row for row in rows if row[0] in wanted or row[0] == "random"]
+        rows = [row for row in rows if row[0] in args.rows or row[0] == "random"]
 
     results = []
     for name, flags, paper, check in rows:
@@ -142,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "ablations.md").write_text(table)
     print("\n" + table)
     print(f"carp-ablations: {out / 'ablations.md'} and ablations.json")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The table of every row; its own process imports no TensorFlow (each row is a carp-pretrain process)."""
+    ablations(parse_config(argv))
     return 0
 
 

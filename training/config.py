@@ -24,14 +24,6 @@ from typing import Any
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
-# Names used before presets had one scheme (underscores, as KerasHub's presets); they keep working.
-PRESET_ALIASES = {
-    "fashion-mnist-resnet18": "fashion_mnist_resnet18",
-    "cifar10-resnet18": "cifar10_resnet18",
-    "imagenet-resnet50-200ep": "imagenet_resnet50_200ep",
-    "imagenet-resnet50-multicrop": "imagenet_resnet50_multicrop",
-}
-
 
 def option(default: Any, help: str, choices: tuple | None = None, resumable: bool = False) -> Any:
     """A config field: its default, help text, allowed values, and whether it may change when a run resumes.
@@ -258,7 +250,10 @@ class RunConfig:
     )
     seed: int = option(0, "seed of the weights, the views and the partitions")
     checkpoint_every_steps: int = option(
-        0, "also checkpoint every N optimizer steps (always at each epoch's end)", resumable=True
+        0,
+        "also checkpoint every N training batches (with gradient accumulation a batch is not an optimizer step); "
+        "always at each epoch's end",
+        resumable=True,
     )
     keep_checkpoints: int = option(2, "newest checkpoints kept", resumable=True)
     log_every_steps: int = option(50, "TensorBoard step summaries every N steps (0: epochs only)", resumable=True)
@@ -401,7 +396,7 @@ class PretrainConfig:
         return PretrainConfig.from_dict(values)
 
     def __getitem__(self, key: str) -> Any:
-        """Flat read access (``config["block_size"]``), as the dict ``parse_config`` used to return."""
+        """A field by its own name (``config["block_size"]``), whatever its section."""
         if key in ("preset", "description"):
             return getattr(self, key)
         where = field_section()
@@ -410,7 +405,7 @@ class PretrainConfig:
         return getattr(getattr(self, where[key]), key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Flat read access with a default, as on the dict earlier versions returned."""
+        """A field by its own name, or ``default``."""
         try:
             return self[key]
         except KeyError:
@@ -422,21 +417,14 @@ class PretrainConfig:
 
 
 def available_presets() -> list[str]:
-    """The presets' canonical names."""
+    """The presets' names."""
     return sorted(path.stem for path in PRESETS_DIR.glob("*.json"))
 
 
-def canonical_preset_name(name: str) -> str:
-    """A preset's canonical name from it or an alias (``fashion-mnist-resnet18`` -> ``fashion_mnist_resnet18``)."""
-    name = PRESET_ALIASES.get(name, name)
+def load_preset(name: str) -> PretrainConfig:
+    """A preset as a validated config; a field the schema does not know is an error."""
     if not (PRESETS_DIR / f"{name}.json").is_file():
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(available_presets())}.")
-    return name
-
-
-def load_preset(name: str) -> PretrainConfig:
-    """A preset (or its alias) as a validated config; a field the schema does not know is an error."""
-    name = canonical_preset_name(name)
     values = json.loads((PRESETS_DIR / f"{name}.json").read_text())
     try:
         return PretrainConfig.from_dict({**values, "preset": name})
@@ -444,29 +432,23 @@ def load_preset(name: str) -> PretrainConfig:
         raise ValueError(f"preset {name}: {error}") from None
 
 
-def is_nested(saved: dict) -> bool:
-    """Whether a saved config is in sections (this version) or flat (earlier ones, where ``optimizer`` is a field)."""
-    return any(isinstance(saved.get(name), dict) for name in SECTIONS)
+EARLIER_VERSION = (
+    "config.json was written by an earlier version of keras-carp (one flat list of fields, no sections), which this "
+    "version does not read; start the run over with a new --output-dir."
+)
 
 
-def flat_training_fields(saved: dict) -> dict:
-    """The training fields of a saved ``config.json``, nested (this version) or flat (earlier versions)."""
-    if is_nested(saved):
-        saved = {key: value for name in SECTIONS for key, value in (saved.get(name) or {}).items()}
-    return {key: value for key, value in saved.items() if key in field_section() and key not in resumable_fields()}
+def run_config(saved: dict) -> PretrainConfig:
+    """The configuration a run directory's ``config.json`` holds (``PretrainConfig.to_dict``'s sections).
+
+    Raises ValueError (``EARLIER_VERSION``) for the flat files of earlier versions, fields at the top level.
+    """
+    fields = field_section()
+    if any(key in fields and not isinstance(value, dict) for key, value in saved.items()):
+        raise ValueError(EARLIER_VERSION)
+    return PretrainConfig.from_dict(saved)
 
 
 def run_config_from_json(text: str) -> PretrainConfig:
-    """The configuration a run directory's ``config.json`` holds: nested (this version) or flat (earlier ones)."""
-    values = json.loads(text)
-    if is_nested(values):
-        return PretrainConfig.from_dict(values)
-    where = field_section()
-    nested: dict = {
-        "preset": PRESET_ALIASES.get(values.get("preset"), values.get("preset", "digits")),
-        "description": values.get("description", ""),
-    }
-    for key, value in values.items():
-        if key in where:
-            nested.setdefault(where[key], {})[key] = value
-    return PretrainConfig.from_dict(nested)
+    """``run_config`` of a ``config.json`` file's text."""
+    return run_config(json.loads(text))

@@ -2,11 +2,11 @@
 
     carp-eval --model runs/fashion/model.keras --dataset fashion_mnist
     carp-eval --model pixels --dataset fashion_mnist --image-size 28      # the raw-pixel baseline
-    carp-eval --model run/model.keras --transfer --datasets voc07,copydays,roxford5k --data-dir ~/data
+    carp-eval --model run/model.keras --transfer true --datasets voc07,copydays,roxford5k --data-dir ~/data
 
 With ``--datasets`` (names of ``keras_carp.evaluation.transfer.TRANSFER_DATASETS``,
 TFDS names, ``TFDS_NAME:TRAIN_SPLIT:TEST_SPLIT``, and ``voc07``, ``copydays``,
-``roxford5k``, ``rparis6k``) or ``--transfer`` (the released transfer k-NN list)
+``roxford5k``, ``rparis6k``) or ``--transfer true`` (the released transfer k-NN list)
 each dataset runs its own protocols and the results go out as one table,
 datasets x metrics, in JSON and Markdown.
 
@@ -22,82 +22,129 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 
-from training.evaluation import SPECIAL_DATASETS, evaluate, evaluate_many
+from training import evaluation
+from training.cli import CommandConfig, option, parse, quiet_startup_logs, refuse
+from training.evaluation import SPECIAL_DATASETS
 
 PROTOCOLS = ("knn", "linear", "kmeans", "fewshot", "retrieval")
 TRANSFER_PROTOCOLS = ("knn", "kmeans")
 
 
-def _comma_list(text: str | None) -> list[str]:
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
+@dataclass(kw_only=True)
+class EvalConfig(CommandConfig):
+    """carp-eval's options: one flag per field (``knn_k`` -> ``--knn-k``)."""
+
+    model: str = option(help=".keras file, SavedModel folder, or 'pixels'")
+    encoder: str = option("teacher", "the CARP model's encoder to score", ("teacher", "student"))
+    dataset: str | None = option(None, "one dataset, every protocol: as carp-pretrain --dataset (default digits)")
+    datasets: tuple[str, ...] = option(
+        (),
+        f"comma list for a multi-dataset table: transfer names, TFDS names, TFDS:TRAIN:TEST, "
+        f"{', '.join(SPECIAL_DATASETS)}",
+        separator=",",
+        metavar="NAME,...",
+    )
+    transfer: bool = option(False, "add the released transfer k-NN list to --datasets")
+    download: bool = option(True, "let TFDS download and prepare missing datasets")
+    data_dir: str | None = option(None, "TFDS data_dir, or the folder of class-folder and local datasets")
+    train_split: str = option("train", "memory bank / probe training set / gallery split")
+    test_split: str = option("test", "query split")
+    image_size: int | None = option(None, "image side (default: the run's global_size, else 224)")
+    crop_fraction: float | None = option(None, "centre crop (224/256 for ImageNet; default: that from 128 px up)")
+    protocols: tuple[str, ...] | None = option(
+        None,
+        f"comma list of {', '.join(PROTOCOLS)} (default all; with --datasets: each dataset's own, or a subset of "
+        f"{', '.join(TRANSFER_PROTOCOLS)})",
+        separator=",",
+        metavar="NAME,...",
+    )
+    knn_k: tuple[int, ...] = option((10, 20, 100, 200), "neighbours of the weighted k-NN (a sweep)")
+    knn_temperature: float = option(0.07, "temperature of the k-NN weights")
+    linear_epochs: int = option(100, "epochs of the linear probe")
+    fewshot_ways: int = option(5, "classes per few-shot episode")
+    fewshot_shots: tuple[int, ...] = option((1, 5), "labelled images per class of a few-shot episode")
+    fewshot_episodes: int = option(600, "few-shot episodes")
+    svm_shots: tuple[int, ...] = option((1, 2, 4, 8, 16), "voc07 positives per class")
+    svm_samples: int = option(5, "voc07 low-shot draws per k")
+    svm_costs: tuple[float, ...] | None = option(None, "voc07 SVM cost sweep (default: the released one)")
+    svm_folds: int = option(3, "voc07 cross-validation folds for the cost")
+    copydays_dir: str | None = option(None, "Copydays folder (default: DATA_DIR/copydays)")
+    copydays_distractors: str | None = option(None, "folder of extra database images")
+    copydays_image_size: int = option(320, "Copydays image side")
+    revisited_dir: str | None = option(None, "revisitop folder holding roxford5k/ and rparis6k/ (default: DATA_DIR)")
+    revisited_image_size: int = option(224, "longer side of every revisited Oxford/Paris image")
+    batch_size: int = option(256, "images per feature-extraction batch")
+    cache_dir: str | None = option(None, "keep extracted features here (.npz)")
+    output: str | None = option(None, "JSON results (default: beside the model); with --datasets, a .md table too")
+    seed: int = option(0, "seed of the linear probe, k-means and the few-shot episodes")
+
+    @property
+    def many(self) -> bool:
+        """A table over datasets (``--datasets`` or ``--transfer``), not one dataset with every protocol."""
+        return bool(self.datasets) or self.transfer
+
+    def validate(self) -> None:
+        self.positive("image_size", "knn_k", "knn_temperature", "linear_epochs", "fewshot_ways", "fewshot_shots",
+                      "fewshot_episodes", "svm_shots", "svm_samples", "svm_costs", "copydays_image_size",
+                      "revisited_image_size", "batch_size")  # fmt: skip
+        self.require(self.svm_folds >= 2, f"--svm-folds must be >= 2, got {self.svm_folds}")
+        self.fraction("crop_fraction")
+        self.require(self.knn_k != (), "--knn-k needs at least one k")
+        self.require(
+            not (self.many and self.dataset is not None),
+            "give either --dataset (one dataset, every protocol) or --datasets/--transfer (a table)",
+        )
+        allowed = TRANSFER_PROTOCOLS if self.many else PROTOCOLS
+        unknown = sorted(set(self.protocols or ()) - set(allowed))
+        self.require(not unknown, f"unknown protocols {unknown}; choose from {', '.join(allowed)}")
+        self.require(self.protocols != (), "--protocols needs at least one protocol")
+
+    def resolved(self) -> argparse.Namespace:
+        """The options as ``training.evaluation`` reads them: lists, the transfer list added, names checked.
+
+        Unknown dataset names raise ValueError; this imports keras_carp (and so Keras) for ``--datasets``.
+        """
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(self).items()}
+        args = argparse.Namespace(**values)
+        args.named_datasets = list(self.datasets)
+        if self.transfer:
+            from keras_carp.evaluation.transfer import TRANSFER_LIST
+
+            args.datasets = list(dict.fromkeys(list(TRANSFER_LIST) + args.datasets))
+        args.many = self.many
+        args.dataset = self.dataset or "digits"
+        if self.protocols is None and not self.many:
+            args.protocols = list(PROTOCOLS)
+        if self.many:
+            from keras_carp.evaluation.transfer import resolve_datasets
+
+            resolve_datasets([d for d in args.datasets if d not in SPECIAL_DATASETS])
+        return args
+
+
+def parse_config(argv: list[str] | None = None) -> EvalConfig:
+    """carp-eval's command line as an ``EvalConfig``; bad values stop here in one line (exit status 2)."""
+    return parse(EvalConfig, argv, "carp-eval", __doc__.splitlines()[0])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carp-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=".keras file, SavedModel folder, or 'pixels'")
-    parser.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--dataset", default=None, help="as carp-pretrain --dataset (default digits)")
-    parser.add_argument("--datasets", default=None,
-                        help=f"comma list for a multi-dataset table: transfer names, TFDS names, "
-                             f"TFDS:TRAIN:TEST, {', '.join(SPECIAL_DATASETS)}")  # fmt: skip
-    parser.add_argument("--transfer", action="store_true", help="add the released transfer k-NN list to --datasets")
-    parser.add_argument("--download", choices=("true", "false"), default="true",
-                        help="let TFDS download and prepare missing datasets")  # fmt: skip
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--test-split", default="test")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the run's global_size, else 224")
-    parser.add_argument("--crop-fraction", type=float, default=None, help="centre crop (224/256 for ImageNet)")
-    parser.add_argument("--protocols", default=None,
-                        help=f"comma list of {', '.join(PROTOCOLS)} (default all; with --datasets: each "
-                             f"dataset's own, or a subset of {', '.join(TRANSFER_PROTOCOLS)})")  # fmt: skip
-    parser.add_argument("--knn-k", type=int, nargs="+", default=[10, 20, 100, 200])
-    parser.add_argument("--knn-temperature", type=float, default=0.07)
-    parser.add_argument("--linear-epochs", type=int, default=100)
-    parser.add_argument("--fewshot-ways", type=int, default=5)
-    parser.add_argument("--fewshot-shots", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--fewshot-episodes", type=int, default=600)
-    parser.add_argument("--svm-shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="voc07 positives/class")
-    parser.add_argument("--svm-samples", type=int, default=5, help="voc07 low-shot draws per k")
-    parser.add_argument("--svm-costs", type=float, nargs="+", default=None, help="voc07 SVM cost sweep")
-    parser.add_argument("--svm-folds", type=int, default=3, help="voc07 cross-validation folds for the cost")
-    parser.add_argument("--copydays-dir", default=None, help="Copydays folder (default DATA_DIR/copydays)")
-    parser.add_argument("--copydays-distractors", default=None, help="folder of extra database images")
-    parser.add_argument("--copydays-image-size", type=int, default=320)
-    parser.add_argument("--revisited-dir", default=None,
-                        help="revisitop folder holding roxford5k/ and rparis6k/ (default DATA_DIR)")  # fmt: skip
-    parser.add_argument("--revisited-image-size", type=int, default=224, help="longer side of every image")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--cache-dir", default=None, help="keep extracted features here (.npz)")
-    parser.add_argument("--output", default=None,
-                        help="JSON results (default: beside the model); with --datasets, a .md table too")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    args.download = args.download == "true"
-    args.datasets = args.named_datasets = _comma_list(args.datasets)
-    if args.transfer:
-        from keras_carp.evaluation.transfer import TRANSFER_LIST
+    """The command line resolved as ``training.evaluation`` reads it (``EvalConfig.resolved``)."""
+    config = parse_config(argv)
+    try:
+        return config.resolved()
+    except ValueError as error:
+        refuse("carp-eval", error)
 
-        args.datasets = list(dict.fromkeys(list(TRANSFER_LIST) + args.datasets))
-    args.many = bool(args.datasets)
-    if args.many and args.dataset is not None:
-        parser.error("give either --dataset (one dataset, every protocol) or --datasets/--transfer (a table)")
-    args.dataset = args.dataset or "digits"
-    allowed = TRANSFER_PROTOCOLS if args.many else PROTOCOLS
-    explicit = args.protocols is not None
-    args.protocols = _comma_list(args.protocols) if explicit else (None if args.many else list(PROTOCOLS))
-    unknown = sorted(set(args.protocols or ()) - set(allowed))
-    if unknown:
-        parser.error(f"unknown protocols {unknown}; choose from {', '.join(allowed)}")
-    if args.many:
-        from keras_carp.evaluation.transfer import resolve_datasets
 
-        try:
-            resolve_datasets([d for d in args.datasets if d not in SPECIAL_DATASETS])
-        except ValueError as error:
-            parser.error(str(error))
-    return args
+def evaluate(config: EvalConfig) -> dict:
+    """Score ``config.model``: every protocol on one dataset, or a table over ``config.datasets``; the results."""
+    return _evaluate(config.resolved())
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    return evaluation.evaluate_many(args) if args.many else evaluation.evaluate(args)
 
 
 def format_table(results: dict) -> str:
@@ -127,15 +174,19 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    quiet_startup_logs()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    try:
+        args = config.resolved()
+    except ValueError as error:
+        refuse("carp-eval", error)
+    results = _evaluate(args)
     if args.many:
-        results = evaluate_many(args)
         print(f"\n{args.model} ({args.encoder} encoder), {len(results['datasets'])} datasets:")
         print(results["markdown"])
         print(f"results in {results['output']} and {results['markdown_output']}")
         return 0
-    results = evaluate(args)
     print(f"\n{args.model} ({args.encoder} encoder) on {args.dataset} {args.test_split}:")
     print(format_table(results))
     print(f"results in {results['output']}")

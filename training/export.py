@@ -1,7 +1,7 @@
 """carp-export: ship a trained encoder as a TensorFlow SavedModel and/or a KerasHub preset.
 
     carp-export runs/fashion/model.keras exported/fashion_encoder
-    carp-export model.keras encoder_sm --encoder student --embedding --assignments
+    carp-export model.keras encoder_sm --encoder student --embedding true --assignments true
     carp-export model.keras encoder_sm --image-size 224 --crop-fraction 0.875
     carp-export model.keras --keras-hub-preset carp_resnet50_preset
 
@@ -18,61 +18,89 @@ go through carp-convert.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from training.cli import CommandConfig, option, parse, quiet_startup_logs
 
-def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+SERVING = "SavedModel serving signature"
+RENAMED = {"--no-resize": "--resize false"}  # earlier spelling -> the one of every boolean flag
+
+
+@dataclass(kw_only=True)
+class ServingOptions(CommandConfig):
     """The SavedModel options shared by carp-export and carp-convert."""
-    group = parser.add_argument_group("SavedModel serving signature")
-    group.add_argument("--image-size", type=int, default=None,
-                       help="centre crop fed to the encoder (default: the run's global_size, else 224)")  # fmt: skip
-    group.add_argument("--crop-fraction", type=float, default=None,
-                       help="first resize the shorter side to image_size / crop_fraction (224/256)")  # fmt: skip
-    group.add_argument("--no-resize", action="store_true", help="feed images at their own size (scale + normalise)")
-    group.add_argument("--mean", type=float, nargs=3, default=None, help="per-channel mean of [0, 1] RGB (ImageNet)")
-    group.add_argument("--std", type=float, nargs=3, default=None, help="per-channel std (ImageNet)")
-    group.add_argument("--embedding", action="store_true", help="also return the head's bottleneck embedding")
-    group.add_argument("--assignments", action="store_true", help="also return the closest prototype's index")
-    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    image_size: int | None = option(
+        None, "centre crop fed to the encoder (default: the run's global_size, else 224)", group=SERVING
+    )
+    crop_fraction: float | None = option(
+        None, "first resize the shorter side to image_size / crop_fraction (224/256)", group=SERVING
+    )
+    resize: bool = option(True, "resize and centre-crop (false: images at their own size, scaled + normalised)",
+                          group=SERVING)  # fmt: skip
+    mean: tuple[float, float, float] | None = option(
+        None, "per-channel mean of [0, 1] RGB (default: ImageNet's)", group=SERVING
+    )
+    std: tuple[float, float, float] | None = option(None, "per-channel std (default: ImageNet's)", group=SERVING)
+    embedding: bool = option(False, "also return the head's bottleneck embedding", group=SERVING)
+    assignments: bool = option(False, "also return the closest prototype's index", group=SERVING)
+    overwrite: bool = option(False, "replace existing outputs")
+
+    def validate(self) -> None:
+        self.positive("image_size", "std")
+        self.fraction("crop_fraction")
 
 
-def serving_preprocessing(args: argparse.Namespace, model_path: str):
-    """A ``ServingPreprocessing`` from the command line (run defaults as carp-eval's)."""
+@dataclass(kw_only=True)
+class ExportConfig(ServingOptions):
+    """carp-export's options: one flag (or positional argument) per field."""
+
+    model: str = option(help=".keras file (CARP model or encoder)", positional=True)
+    output: str | None = option(
+        None, "SavedModel folder to write (may be left out with --keras-hub-preset)", positional=True
+    )
+    encoder: str = option("teacher", "the CARP model's encoder to export", ("teacher", "student"))
+    keras_hub_preset: str | None = option(
+        None, "also (or only) write the backbone + ImageConverter as a KerasHub preset", metavar="DIR"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(
+            self.output is not None or self.keras_hub_preset is not None,
+            "give an OUTPUT SavedModel folder, --keras-hub-preset DIR, or both",
+        )
+
+
+def serving_preprocessing(args: ServingOptions, model_path: str):
+    """A ``ServingPreprocessing`` from the options (run defaults as carp-eval's)."""
     from keras_carp.export import ServingPreprocessing
     from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
     from training.evaluation import eval_preprocessing
 
     image_size, crop_fraction = eval_preprocessing(model_path, args.image_size, args.crop_fraction)
     return ServingPreprocessing(
-        image_size=None if args.no_resize else image_size,
+        image_size=image_size if args.resize else None,
         crop_fraction=crop_fraction,
         mean=tuple(args.mean or IMAGENET_MEAN),
         std=tuple(args.std or IMAGENET_STD),
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carp-export", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help=".keras file (CARP model or encoder)")
-    parser.add_argument(
-        "output", nargs="?", help="SavedModel folder to write (may be left out with --keras-hub-preset)"
-    )
-    parser.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--keras-hub-preset", metavar="DIR", default=None,
-                        help="also (or only) write the backbone + ImageConverter as a KerasHub preset")  # fmt: skip
-    add_serving_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.output is None and args.keras_hub_preset is None:
-        parser.error("give an OUTPUT SavedModel folder, --keras-hub-preset DIR, or both.")
-    return args
+def parse_config(argv: list[str] | None = None) -> ExportConfig:
+    """carp-export's command line as an ``ExportConfig``; bad values stop here in one line (exit status 2)."""
+    return parse(ExportConfig, argv, "carp-export", __doc__.splitlines()[0], renamed=RENAMED)
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ["KERAS_BACKEND"] = "tensorflow"  # .keras files are backend-agnostic; SavedModels are TensorFlow's
-    args = parse_args(argv)
+parse_args = parse_config  # earlier name
+
+
+def export(args: ExportConfig) -> dict:
+    """Write the SavedModel and/or KerasHub preset of ``args.model``; ``{"saved_model": path, "keras_hub_preset":
+    path}`` for those written. Run it in a TensorFlow-backend process (carp-export sets KERAS_BACKEND)."""
     import keras
 
     import keras_carp  # noqa: F401  (registers the classes the .keras file names)
@@ -88,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.model).is_file():
         raise SystemExit(f"carp-export: no model at {args.model} (expected a .keras file).")
     model = keras.saving.load_model(args.model, compile=False)
+    written = {}
     try:
         if args.keras_hub_preset is not None:  # first: it fails early on a backbone KerasHub cannot rebuild
             from keras_carp.hub_preset import export_keras_hub_preset
@@ -97,13 +126,24 @@ def main(argv: list[str] | None = None) -> None:
                                              std=preprocessing.std, encoder=args.encoder,
                                              overwrite=args.overwrite)  # fmt: skip
             print(f"KerasHub preset written to {preset}: {describe_preset(preset)}")
+            written["keras_hub_preset"] = preset
         if args.output is not None:
             path = export_encoder(model, args.output, encoder=args.encoder, preprocessing=preprocessing,
                                   include_embedding=args.embedding, include_assignments=args.assignments,
                                   overwrite=args.overwrite)  # fmt: skip
             print(f"SavedModel written to {path}: {describe_saved_model(path)}")
+            written["saved_model"] = path
     except (ValueError, TypeError) as error:
         raise SystemExit(f"carp-export: {error}") from None
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(argv)
+    os.environ["KERAS_BACKEND"] = "tensorflow"  # .keras files are backend-agnostic; SavedModels are TensorFlow's
+    quiet_startup_logs()
+    export(args)
+    return 0
 
 
 def describe_saved_model(path) -> str:

@@ -14,57 +14,66 @@ draw from ``--seed``. Results print and go to ``--output`` as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from keras_carp import finetune as protocol
+from training.cli import CommandConfig, option, parse, quiet_startup_logs
 from training.evaluation import writable_file
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carp-finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help=".keras file, or random:BACKBONE for an untrained encoder")
-    parser.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
-    parser.add_argument("--dataset", default="digits", help="as carp-pretrain --dataset")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--test-split", default="test")
-    parser.add_argument("--label-fraction", type=float, default=0.01, help="0.01 (1 %%) or 0.1 (10 %%); (0, 1]")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the run's global_size, else 224")
-    parser.add_argument("--crop-fraction", type=float, default=None, help="test centre crop (224/256 for ImageNet)")
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=list(protocol.CROP_SCALE), metavar=("LOW", "HIGH"),
-                        help="train-time random resized crop's area range")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=protocol.EPOCHS)
-    parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: ceil(labelled images / batch)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--encoder-lr", type=float, default=protocol.ENCODER_LEARNING_RATE)
-    parser.add_argument("--head-lr", type=float, default=protocol.HEAD_LEARNING_RATE)
-    parser.add_argument("--momentum", type=float, default=protocol.MOMENTUM)
-    parser.add_argument("--milestones", type=int, nargs="*", default=list(protocol.MILESTONES), help="epochs")
-    parser.add_argument("--lr-factor", type=float, default=protocol.DECAY_FACTOR)
-    parser.add_argument("--output", default=None, help="JSON results (default: next to the model)")
-    parser.add_argument("--seed", type=int, default=0, help="the label draw, the augmentation and the head's init")
-    parser.add_argument("--verbose", type=int, default=2, help="as Keras fit's verbose")
-    args = parser.parse_args(argv)
-    try:
-        protocol.check_label_fraction(args.label_fraction)
-    except ValueError as error:
-        parser.error(str(error))
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.steps_per_epoch is not None and args.steps_per_epoch <= 0:
-        parser.error(f"--steps-per-epoch must be positive, got {args.steps_per_epoch}")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        parser.error(f"--crop-scale must be 0 < LOW <= HIGH <= 1, got {args.crop_scale}")
-    if args.crop_fraction is not None and not 0 < args.crop_fraction <= 1:
-        parser.error(f"--crop-fraction must be in (0, 1], got {args.crop_fraction}")
-    return args
+@dataclass(kw_only=True)
+class FinetuneConfig(CommandConfig):
+    """carp-finetune's options: one flag per field; the protocol's defaults are ``keras_carp.finetune``'s."""
+
+    model: str = option(help=".keras file, or random:BACKBONE for an untrained encoder")
+    encoder: str = option("teacher", "the CARP model's encoder to fine-tune", ("teacher", "student"))
+    dataset: str = option("digits", "as carp-pretrain --dataset")
+    data_dir: str | None = option(None, "TFDS data_dir, image folder, or Fashion-MNIST IDX folder")
+    train_split: str = option("train", "split the labelled fraction is drawn from")
+    test_split: str = option("test", "split the fine-tuned classifier is scored on")
+    label_fraction: float = option(0.01, "fraction of the training labels, in (0, 1]: 0.01 (1 %) or 0.1 (10 %)")
+    image_size: int | None = option(None, "image side (default: the run's global_size, else 224)")
+    crop_fraction: float | None = option(None, "test centre crop (224/256 for ImageNet)")
+    crop_scale: tuple[float, float] = option(
+        (0.08, 1.0), "train-time random resized crop's area range", metavar=("LOW", "HIGH")
+    )
+    epochs: int = option(20, "fine-tuning epochs")
+    steps_per_epoch: int | None = option(None, "optimizer steps per epoch (default: ceil(labelled images / batch))")
+    batch_size: int = option(256, "images per step")
+    encoder_lr: float = option(0.002, "the encoder's SGD learning rate")
+    head_lr: float = option(0.5, "the linear head's SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    milestones: tuple[int, ...] = option((12, 16), "epochs at which the learning rates drop", nargs="*")
+    lr_factor: float = option(0.2, "learning-rate factor at each milestone")
+    output: str | None = option(None, "JSON results (default: next to the model)")
+    seed: int = option(0, "the label draw, the augmentation and the head's init")
+    verbose: int = option(2, "as Keras fit's verbose", (0, 1, 2))
+
+    def validate(self) -> None:
+        fraction = self.label_fraction
+        self.require(
+            isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0,
+            f"--label-fraction: the label fraction must be in (0, 1] (0.01 for 1 %), got {fraction}",
+        )
+        self.positive("epochs", "batch_size", "steps_per_epoch", "image_size", "encoder_lr", "head_lr", "lr_factor")
+        low, high = self.crop_scale
+        self.require(0 < low <= high <= 1, f"--crop-scale must be 0 < LOW <= HIGH <= 1, got {list(self.crop_scale)}")
+        self.fraction("crop_fraction")
+        self.require(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        self.require(all(m >= 0 for m in self.milestones), f"--milestones must be epochs >= 0, got {self.milestones}")
+
+
+def parse_config(argv: list[str] | None = None) -> FinetuneConfig:
+    """carp-finetune's command line as a ``FinetuneConfig``; bad values stop here in one line (exit status 2)."""
+    return parse(FinetuneConfig, argv, "carp-finetune", __doc__.splitlines()[0])
+
+
+parse_args = parse_config  # earlier name
 
 
 def load_encoder(path: str, which: str = "teacher"):
@@ -93,8 +102,9 @@ def load_encoder(path: str, which: str = "teacher"):
         raise SystemExit(f"carp-finetune: cannot load {location}: {error}") from None
 
 
-def open_sources(args: argparse.Namespace, image_size: int) -> dict:
+def open_sources(args: FinetuneConfig, image_size: int) -> dict:
     """``{"train": the labelled fraction, "test": the test split}``; every data problem stops here."""
+    from keras_carp import finetune as protocol
     from keras_carp.data import load_source
 
     try:
@@ -110,7 +120,7 @@ def open_sources(args: argparse.Namespace, image_size: int) -> dict:
     return sources
 
 
-def writable_output(args: argparse.Namespace) -> Path:
+def writable_output(args: FinetuneConfig) -> Path:
     """The results file, its folder proven writable (without leaving a file behind)."""
     name = f"finetune_{100 * args.label_fraction:g}pct.json"
     if args.output:
@@ -122,10 +132,11 @@ def writable_output(args: argparse.Namespace) -> Path:
     return writable_file(output, "carp-finetune")
 
 
-def run(args: argparse.Namespace) -> dict:
+def finetune(args: FinetuneConfig) -> dict:
     """Open the data, load the encoder, fine-tune, evaluate; write and return the results."""
     import keras
 
+    from keras_carp import finetune as protocol
     from keras_carp.data import classification_dataset, eval_dataset
     from training.evaluation import eval_preprocessing
 
@@ -177,9 +188,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_config(argv)
+    quiet_startup_logs()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    results = run(args)
+    results = finetune(args)
     print(
         f"\n{args.model} ({args.encoder} encoder) fine-tuned on {100 * args.label_fraction:g} % of {args.dataset} "
         f"{args.train_split} ({results['labelled_images']} images), {args.test_split}: "

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from training.config import PretrainConfig, flat_training_fields
+from training.config import PretrainConfig, run_config
 from training.run_directory import RunDirectory
 
 LOG = logging.getLogger("keras_carp")
@@ -53,7 +53,10 @@ class Legs:
 # ----------------------------------------------------------------------------------------------------- stages
 def check_same_run(run_dir: RunDirectory, config: PretrainConfig) -> None:
     """Refuse to resume a run directory whose checkpoints were trained with other settings."""
-    saved = flat_training_fields(run_dir.read_json("config.json"))
+    try:
+        saved = run_config(run_dir.read_json("config.json")).training_fields()
+    except ValueError as error:
+        raise RunRefused(f"{run_dir}: {error}") from None
     current = config.training_fields()
     changed = sorted(key for key in saved if key in current and _same(saved[key]) != _same(current[key]))
     if changed:
@@ -68,7 +71,7 @@ def _same(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def resolve_augment(config: PretrainConfig) -> str:
+def resolve_augment(config: PretrainConfig, tensorflow: bool | None = None) -> str:
     """``--augment``, with ``auto`` resolved: on the device on GPUs and where TensorFlow is absent, else on the host.
 
     On a CPU the host's tf.data recipe is faster than the same work inside the
@@ -77,13 +80,14 @@ def resolve_augment(config: PretrainConfig) -> str:
     """
     from keras_carp.distribute import accelerator_kind
 
+    tensorflow = tensorflow_available() if tensorflow is None else tensorflow
     augment = config.data.augment
-    if augment == "host" and not tensorflow_available():
+    if augment == "host" and not tensorflow:
         raise RunRefused("--augment host makes the views with tf.data, and TensorFlow is not installed: "
                          "use --augment device (or install tensorflow).")  # fmt: skip
     if augment != "auto":
         return augment
-    return "device" if not tensorflow_available() or accelerator_kind() == "gpu" else "host"
+    return "device" if not tensorflow or accelerator_kind() == "gpu" else "host"
 
 
 def tensorflow_available() -> bool:
@@ -174,7 +178,8 @@ def compute_dtype_policy(config: PretrainConfig, distribution) -> str:
 def build_model(config: PretrainConfig, data: Data, distribution, augmentation=None):
     """The compiled CARP model with its optimizer and schedules, built on every replica.
 
-    ``augmentation``: a ``DeviceMultiCrop`` when the train step makes the views.
+    ``augmentation``: the ``DeviceMultiCrop`` when the train step makes the views (``InputPlan.device_augmentation``),
+    else None.
     """
     import keras_carp
 
@@ -200,7 +205,7 @@ def build_model(config: PretrainConfig, data: Data, distribution, augmentation=N
                 teacher_momentum_schedule=keras_carp.TeacherMomentumSchedule(
                     teacher.base_teacher_momentum, teacher.final_teacher_momentum, total_steps=data.total_steps
                 ),
-                augmentation=augmentation if isinstance(augmentation, keras_carp.DeviceMultiCrop) else None,
+                augmentation=augmentation,
             )
             # Schedules run per batch, as released; the rate scales with the batch of one optimizer step.
             schedule = keras_carp.WarmupCosineDecay(
@@ -297,28 +302,16 @@ def plan_legs(start_step: int, data: Data, epochs: int) -> Legs:
     return Legs(start_step, calls)
 
 
-def eval_batches(source, config: PretrainConfig, batch_size: int = 256):
-    """Normalised centre crops of ``source`` in a fixed order: tf.data when TensorFlow is here, else Pillow."""
-    size, crop = config.views.global_size, config.evaluation.eval_crop_fraction
-    if tensorflow_available():
-        from keras_carp.data import eval_dataset
-
-        return eval_dataset(source, size, batch_size=batch_size, crop_fraction=crop)
-    from keras_carp.data import EvalBatches
-
-    return EvalBatches(source, size, batch_size=batch_size, crop_fraction=crop)
-
-
 class Evaluation:
     """Weighted k-NN of an encoder: the training split as the bank, the evaluation split as queries."""
 
-    def __init__(self, config: PretrainConfig, data: Data):
+    def __init__(self, config: PretrainConfig, data: Data, plan: InputPlan):
         self.config = config.evaluation
         self.enabled = data.evaluation is not None
-        self.bank = eval_batches(data.train, config) if self.enabled else None
-        self.queries = eval_batches(data.evaluation, config) if self.enabled else None
+        self.bank = plan.eval_batches(data.train) if self.enabled else None
+        self.queries = plan.eval_batches(data.evaluation) if self.enabled else None
         self.num_classes = len(data.train.class_names) if self.enabled else None
-        self.probe_batches = eval_batches(data.train, config)
+        self.probe_batches = plan.eval_batches(data.train)
 
     @property
     def knn_settings(self) -> dict:
@@ -342,7 +335,8 @@ class Evaluation:
         """k-NN every ``knn_every`` epochs, the online linear probe (if asked), and the collapse indicators."""
         import numpy as np
 
-        from keras_carp.evaluation import CollapseMonitor, KNNMonitor, OnlineLinearProbe
+        from keras_carp.callbacks import CollapseMonitor, KNNMonitor
+        from keras_carp.evaluation import OnlineLinearProbe
 
         monitors = []
         if self.enabled and self.config.knn_every > 0:
@@ -358,16 +352,17 @@ class Evaluation:
 
 
 def build_callbacks(config: PretrainConfig, run_dir: RunDirectory, data: Data, monitors: list, checkpoint,
-                    skipped=None) -> list:  # fmt: skip
+                    skipped=None, tensorboard: bool = True) -> list:  # fmt: skip
     """Skipped-image counts, monitors, CSV and TensorBoard logs, then checkpoints (last: a logged epoch is saved).
 
     ``skipped``: what counts the undecodable images (default: the source's tf.data counters). TensorBoard's
-    event files are written with TensorFlow: without it, ``training_log.csv`` holds the same figures.
+    event files are written with TensorFlow (``tensorboard``): without it, ``training_log.csv`` holds the same
+    figures.
     """
     from keras_carp import callbacks
 
     loggers = [callbacks.RunCSVLogger(run_dir.output("training_log.csv"), append=True)]
-    if tensorflow_available():
+    if tensorboard:
         frequency = config.run.log_every_steps or "epoch"
         loggers.append(callbacks.StepTensorBoard(run_dir.output("logs"), update_freq=frequency))
     return [
@@ -449,77 +444,131 @@ class LoaderSkips:
         return sum(loader.skipped for loader in self.loaders)
 
 
-def training_datasets(config: PretrainConfig, data: Data, augmentation, distribution):
-    """A function from a start step to the (distributed) dataset of the rest of the run, and the skip counter.
+@dataclasses.dataclass
+class InputPlan:
+    """Where a run's views are made and how its images get there: decided once, from the config and this machine.
 
-    Host views: tf.data batches of crops. Device views: batches of whole uint8
-    images (and their original sizes) that the train step crops, from tf.data
-    when TensorFlow is installed, else from the Pillow loader ``ImageBatches``.
+    ``views`` is ``"host"`` (tf.data makes the crops) or ``"device"`` (the train step crops whole images);
+    ``tensorflow`` says whether TensorFlow is installed. Without it the Pillow loaders read the images
+    (``ImageBatches``, ``EvalBatches``) and there are no TensorBoard logs or SavedModel.
     """
-    from keras_carp import DeviceMultiCrop
 
-    on_device = isinstance(augmentation, DeviceMultiCrop)
-    image_size = device_image_size(config, data.train) if on_device else None
-    if on_device and not tensorflow_available():
-        if distribution.num_processes > 1:
-            raise RunRefused("several JAX processes read their shares of the data with tf.data: install tensorflow.")
-        return _pillow_datasets(config, data, image_size)
-    from keras_carp.data import multicrop_dataset
-    from keras_carp.data.pipeline import WholeImages
+    config: PretrainConfig
+    views: str
+    tensorflow: bool
+    augmentation: Any  # the recipe: MultiCropAugmentation (host) or DeviceMultiCrop (device)
 
-    host_work = WholeImages(image_size) if on_device else augmentation
-    min_image_size = config.data.min_image_size
-    if on_device and min_image_size is None:
-        min_image_size = config.views.global_size if data.train.encoded else 0
+    @classmethod
+    def decide(cls, config: PretrainConfig, tensorflow: bool | None = None) -> InputPlan:
+        """The plan for ``config`` here (``tensorflow``: whether it is installed; default: look)."""
+        tensorflow = tensorflow_available() if tensorflow is None else tensorflow
+        views = resolve_augment(config, tensorflow)
+        return cls(config, views, tensorflow, build_views(config, views))
 
-    def pipeline(start_step: int, input_context=None):
-        return multicrop_dataset(
-            data.train,
-            host_work,
-            config.optimizer.batch_size,  # global; with an input context each host makes its replicas' share
-            seed=config.run.seed,
-            cache=config.data.cache,
-            decode=config.data.decode,
-            min_image_size=min_image_size,
-            input_context=input_context,
-            epochs=config.optimizer.epochs,
-            start_step=start_step,
-        )
+    @property
+    def on_device(self) -> bool:
+        return self.views == "device"
 
-    def dataset_for(start_step: int):
-        if distribution.per_host_input and distribution.strategy is None:  # JAX processes: each its own shard
-            import tensorflow as tf
+    @property
+    def loader(self) -> str:
+        """What reads the images: ``"tf.data"``, or ``"pillow"`` where TensorFlow is not installed."""
+        return "tf.data" if self.tensorflow else "pillow"
 
-            processes = distribution.num_processes
-            return pipeline(start_step, tf.distribute.InputContext(processes, distribution.process_index, processes))
-        if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
-            return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
-        return pipeline(start_step)
+    @property
+    def device_augmentation(self):
+        """The ``DeviceMultiCrop`` the train step applies, or None when the host makes the views."""
+        return self.augmentation if self.on_device else None
 
-    return pipeline, dataset_for, data.train
+    def min_image_size(self, source) -> int:
+        """``--min-image-size`` (0: accept and upsample small images); unset, the global crop size, except 0 for
+        in-memory images cropped on the device."""
+        if self.config.data.min_image_size is not None:
+            return self.config.data.min_image_size
+        return 0 if self.on_device and not source.encoded else self.config.views.global_size
 
+    def training_datasets(self, data: Data, distribution):
+        """The training input: ``(pipeline, dataset_for, skipped)``.
 
-def _pillow_datasets(config: PretrainConfig, data: Data, image_size: int | None):
-    """``ImageBatches`` for a machine without TensorFlow: folders decoded by one thread per core (Pillow releases
-    the GIL; processes would be forks of a multithreaded JAX or PyTorch runtime), arrays as they are."""
-    import os
+        ``pipeline(start_step, input_context=None)`` checks the image sizes and builds one pipeline from
+        ``start_step`` to the end of the run; ``dataset_for(start_step)`` the (distributed) dataset ``fit`` reads;
+        ``skipped`` counts the undecodable images. Host views: tf.data batches of crops. Device views: batches
+        of whole uint8 images (and their original sizes), from tf.data, or from ``ImageBatches`` where
+        TensorFlow is not installed.
+        """
+        source, config = data.train, self.config
+        min_image_size = self.min_image_size(source)
+        image_size = device_image_size(config, source) if self.on_device else None
+        if self.loader == "pillow":
+            if distribution.num_processes > 1:
+                raise RunRefused("several JAX processes read their shares of the data with tf.data: install "
+                                 "tensorflow.")  # fmt: skip
+            return self._pillow_datasets(source, image_size, min_image_size)
+        from keras_carp.data import multicrop_dataset
+        from keras_carp.data.pipeline import WholeImages
 
-    from keras_carp.data import ImageBatches
-    from keras_carp.data.sources import check_image_size
+        host_work = WholeImages(image_size) if self.on_device else self.augmentation
 
-    source = data.train
-    check_image_size(source, config.data.min_image_size or (config.views.global_size if source.encoded else 0))
-    skips = LoaderSkips(source)
-    workers = min(os.cpu_count() or 1, 16) if source.encoded else 1
+        def pipeline(start_step: int, input_context=None):  # multicrop_dataset checks the image sizes
+            return multicrop_dataset(
+                source,
+                host_work,
+                config.optimizer.batch_size,  # global; with an input context each host makes its replicas' share
+                seed=config.run.seed,
+                cache=config.data.cache,
+                decode=config.data.decode,
+                min_image_size=min_image_size,
+                input_context=input_context,
+                epochs=config.optimizer.epochs,
+                start_step=start_step,
+            )
 
-    def pipeline(start_step: int, input_context=None):
-        loader = ImageBatches(source, config.optimizer.batch_size, image_size=image_size,
-                              seed=config.run.seed, epochs=config.optimizer.epochs, start_step=start_step,
-                              workers=workers)  # fmt: skip
-        skips.loaders.append(loader)
-        return loader
+        def dataset_for(start_step: int):
+            if distribution.per_host_input and distribution.strategy is None:  # JAX processes: each its own shard
+                import tensorflow as tf
 
-    return pipeline, pipeline, skips
+                processes = distribution.num_processes
+                return pipeline(start_step, tf.distribute.InputContext(processes, distribution.process_index,
+                                                                       processes))  # fmt: skip
+            if distribution.per_host_input:  # TPU and multi-worker: every host reads its own shard
+                return distribution.strategy.distribute_datasets_from_function(lambda ctx: pipeline(start_step, ctx))
+            return pipeline(start_step)
+
+        return pipeline, dataset_for, source
+
+    def _pillow_datasets(self, source, image_size: int | None, min_image_size: int):
+        """``ImageBatches``: folders decoded by one thread per core (Pillow releases the GIL; processes would be
+        forks of a multithreaded JAX or PyTorch runtime), arrays as they are."""
+        import os
+
+        from keras_carp.data import ImageBatches
+        from keras_carp.data.sources import check_image_size
+
+        config = self.config
+        if image_size is None:  # images of one size: ImageBatches stretches them to squares of their longer side
+            image_size = max(source.image_shape)
+        skips = LoaderSkips(source)
+        workers = min(os.cpu_count() or 1, 16) if source.encoded else 1
+
+        def pipeline(start_step: int, input_context=None):
+            check_image_size(source, min_image_size)
+            loader = ImageBatches(source, config.optimizer.batch_size, image_size=image_size,
+                                  seed=config.run.seed, epochs=config.optimizer.epochs, start_step=start_step,
+                                  workers=workers)  # fmt: skip
+            skips.loaders.append(loader)
+            return loader
+
+        return pipeline, pipeline, skips
+
+    def eval_batches(self, source, batch_size: int = 256):
+        """Normalised centre crops of ``source`` in a fixed order (``eval_dataset``, or ``EvalBatches``)."""
+        size, crop = self.config.views.global_size, self.config.evaluation.eval_crop_fraction
+        if self.loader == "tf.data":
+            from keras_carp.data import eval_dataset
+
+            return eval_dataset(source, size, batch_size=batch_size, crop_fraction=crop)
+        from keras_carp.data import EvalBatches
+
+        return EvalBatches(source, size, batch_size=batch_size, crop_fraction=crop)
 
 
 @dataclasses.dataclass
@@ -534,6 +583,7 @@ class Prepared:
     model: Any
     datasets: Any  # start step -> the (distributed) dataset of the rest of the run
     skipped: Any  # counts the undecodable images skipped (``.skipped.count``, ``.name``)
+    plan: InputPlan
 
 
 def report_devices(config: PretrainConfig, data: Data, distribution, augment: str = "host") -> None:
@@ -571,37 +621,37 @@ def prepare(config: PretrainConfig, run_dir: RunDirectory, distribution) -> Prep
             f"{checkpoint.path} was written with {checkpoint.steps_per_epoch} steps per epoch, this "
             f"dataset gives {data.steps_per_epoch}; the data changed. Choose a new --output-dir."
         )
-    augment = resolve_augment(config)
-    augmentation = build_views(config, augment)
-    report_devices(config, data, distribution, augment)
-    pipeline, dataset_for, skipped = training_datasets(config, data, augmentation, distribution)
+    plan = InputPlan.decide(config)
+    report_devices(config, data, distribution, plan.views)
     first_start = checkpoint.step if checkpoint is not None and checkpoint.step < data.total_steps else 0
     try:  # builds the input pipeline: checks the images against the recipe before any training
+        pipeline, dataset_for, skipped = plan.training_datasets(data, distribution)
         first_dataset = pipeline(first_start)
     except (ValueError, FileNotFoundError) as error:
         raise RunRefused(str(error)) from None
-    model = build_model(config, data, distribution, augmentation)
+    model = build_model(config, data, distribution, plan.device_augmentation)
     check_disk_space(model, run_dir, config)
     run_dir.write_json("config.json", config.to_dict())
 
     def datasets(start: int):
         return first_dataset if start == first_start and not distribution.per_host_input else dataset_for(start)
 
-    return Prepared(config, run_dir, checkpoint, data, distribution, model, datasets, skipped)
+    return Prepared(config, run_dir, checkpoint, data, distribution, model, datasets, skipped, plan)
 
 
 def train_evaluate_save(prepared: Prepared) -> dict:
     """Train from the newest checkpoint to the end, score the teacher, save the model and the encoder."""
+    from keras_carp.callbacks import KNNMonitor
     from keras_carp.checkpoints import atomic_save_model
-    from keras_carp.evaluation import KNNMonitor
 
     config, run_dir, data, model = prepared.config, prepared.run_dir, prepared.data, prepared.model
-    evaluation = Evaluation(config, data)
+    evaluation = Evaluation(config, data, prepared.plan)
     random_init = evaluation.random_init(model, run_dir)
     start_step = restore(model, prepared.checkpoint, run_dir, data, prepared.distribution)
     legs = plan_legs(start_step, data, config.optimizer.epochs)
     monitors = evaluation.monitors()
-    callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint, prepared.skipped)
+    callbacks = build_callbacks(config, run_dir, data, monitors, prepared.checkpoint, prepared.skipped,
+                                tensorboard=prepared.plan.tensorflow)  # fmt: skip
     started = time.time()
     losses = fit(model, prepared.datasets, legs, data, callbacks, prepared.distribution, run_dir)
     seconds = time.time() - started
@@ -610,7 +660,7 @@ def train_evaluate_save(prepared: Prepared) -> dict:
     learned = learned or evaluation.knn(model.teacher_encoder)
     atomic_save_model(model, run_dir.output("model.keras"))
     encoder_path = None
-    if config.run.export and tensorflow_available():
+    if config.run.export and prepared.plan.tensorflow:
         encoder_path = run_dir.export_encoder(model)
     elif config.run.export:
         LOG.warning("TensorFlow is not installed: no SavedModel encoder/ (model.keras holds the model; run "
@@ -642,7 +692,7 @@ def summarize(
         "processes": prepared.distribution.num_processes,
         "process_index": prepared.distribution.process_index,  # of the process that wrote this file
         "precision": prepared.model.dtype_policy.name,
-        "augment": "device" if prepared.model.augmentation is not None else "host",
+        "augment": prepared.plan.views,
         "train_images": data.train.num_examples,
         "skipped_images": prepared.skipped.skipped.count,
         "steps": data.total_steps,
@@ -696,10 +746,12 @@ def run(config: PretrainConfig | dict) -> dict:
 
 
 def as_config(config: PretrainConfig | dict) -> PretrainConfig:
-    """A ``PretrainConfig`` from itself, its nested dict, or the flat dict earlier versions passed around."""
+    """A ``PretrainConfig`` from itself or its nested dict (``PretrainConfig.to_dict``'s sections)."""
     if isinstance(config, PretrainConfig):
         return config
-    if any(key in config for key in ("data", "model", "optimizer")):
-        return PretrainConfig.from_dict(config)
-    base = PretrainConfig(preset=config.get("preset", "digits"), description=config.get("description", ""))
-    return base.replace(**{k: v for k, v in config.items() if k not in ("preset", "description")})
+    if not any(key in config for key in ("data", "model", "optimizer")):
+        raise ValueError(
+            "run() takes a PretrainConfig or its nested dict (sections data, views, model, optimizer, ...), "
+            f"got a dict with keys {sorted(config)}: build one with training.config.PretrainConfig(...).replace(...)."
+        )
+    return PretrainConfig.from_dict(config)

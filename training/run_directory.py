@@ -141,14 +141,16 @@ class RunDirectory:
 
     def export_encoder(self, model, name: str = "encoder") -> str:
         """The model's teacher encoder as a SavedModel in ``name`` (staged locally, then copied to a bucket)."""
+        from keras_carp.export import export_encoder
+
         target = self.output(name)
         if not self.chief or not self.remote:
-            model.export_encoder(target, overwrite=True)
+            export_encoder(model, target, overwrite=True)
             return target
         gfile = _gfile()
         with tempfile.TemporaryDirectory() as staging:
             local = os.path.join(staging, name)
-            model.export_encoder(local, overwrite=True)
+            export_encoder(model, local, overwrite=True)
             if gfile.exists(target):
                 gfile.rmtree(target)
             for folder, _, files in os.walk(local):

@@ -12,29 +12,39 @@ prototype usage, k-NN accuracy).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from training.cli import CommandConfig, option, parse, quiet_startup_logs
 from training.config import run_config_from_json
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="carp-visualize", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="run directory of carp-pretrain (config.json, model.keras, training_log.csv)")
-    parser.add_argument("--split", default=None, help="images to group (default: the run's eval split)")
-    parser.add_argument("--prototypes", type=int, default=8, help="rows: the most used prototypes")
-    parser.add_argument("--images-per-prototype", type=int, default=10)
-    parser.add_argument("--max-images", type=int, default=2000, help="images assigned (from the split's start)")
-    parser.add_argument("--output", default=None, help="folder for the PNG files (default: RUN/pictures)")
-    args = parser.parse_args(argv)
-    for name in ("prototypes", "images_per_prototype", "max_images"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    return args
+@dataclass(kw_only=True)
+class VisualizeConfig(CommandConfig):
+    """carp-visualize's options: one flag (or positional argument) per field."""
+
+    run: str = option(help="run directory of carp-pretrain (config.json, model.keras, training_log.csv)",
+                      positional=True)  # fmt: skip
+    split: str | None = option(None, "images to group (default: the run's eval split, else its training split)")
+    prototypes: int = option(8, "rows: the most used prototypes")
+    images_per_prototype: int = option(10, "images shown per prototype (its highest-scoring ones)")
+    max_images: int = option(2000, "images assigned (from the split's start)")
+    output: str | None = option(None, "folder for the PNG files (default: RUN/pictures)")
+
+    def validate(self) -> None:
+        self.positive("prototypes", "images_per_prototype", "max_images")
+
+
+def parse_config(argv: list[str] | None = None) -> VisualizeConfig:
+    """carp-visualize's command line as a ``VisualizeConfig``; bad values stop here in one line (exit status 2)."""
+    return parse(VisualizeConfig, argv, "carp-visualize", __doc__.splitlines()[0])
+
+
+parse_args = parse_config  # earlier name
 
 
 def read_log(path: Path) -> dict[str, list[float]]:
@@ -110,8 +120,8 @@ def contact_sheet(pixels, groups: list[dict], labels, class_names, total: int, p
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def visualize(args: VisualizeConfig) -> list[Path]:
+    """Draw the pictures of the run directory ``args.run``; the files written."""
     run = Path(args.run)
     for name in ("config.json", "model.keras"):
         if not (run / name).is_file():
@@ -165,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(np.unique(assignments))} distinct prototypes over {len(images)} images of {source.name}")
     for path in written:
         print(f"wrote {path}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_config(argv)
+    quiet_startup_logs()
+    visualize(args)
     return 0
 
 

@@ -23,8 +23,9 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_carp.data.augment import MultiCropAugmentation, crop_window, normalize, resize_crop, to_float_image
-from keras_carp.data.sources import ArraySource, ImageSource, check_image_size, steps_per_epoch
+from keras_carp.data.augment import MultiCropAugmentation, crop_window, resize_crop
+from keras_carp.data.sources import as_source, check_image_size, steps_per_epoch
+from keras_carp.imagenet import center_crop_geometry, normalize, to_float_image, to_uint8_image
 
 logger = logging.getLogger("keras_carp.data")
 
@@ -39,14 +40,6 @@ def decode_image(encoded):
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image
-
-
-def _as_source(images, labels) -> ImageSource:
-    if isinstance(images, ImageSource):
-        if labels is not None:
-            raise ValueError("Pass labels with in-memory arrays only; a source carries its own labels.")
-        return images
-    return ArraySource(images, labels)
 
 
 class WholeImages:
@@ -66,16 +59,13 @@ class WholeImages:
         self.size = size
 
     def __call__(self, image, seed=None) -> dict:
-        image = tf.convert_to_tensor(image)
+        image = to_float_image(tf.convert_to_tensor(image)) if self.size is not None else tf.convert_to_tensor(image)
         if image.shape.rank == 3 and image.shape[-1] == 1:
             image = tf.tile(image, [1, 1, 3])
         image_size = tf.shape(image)[:2]
         if self.size is not None:
-            image = tf.image.resize(to_float_image(image), (self.size, self.size), "bicubic", antialias=True)
-            image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
-        elif image.dtype != tf.uint8:
-            image = tf.cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 1.0) * 255.0), tf.uint8)
-        return {"images": image, "image_sizes": tf.cast(image_size, tf.int32)}
+            image = tf.image.resize(image, (self.size, self.size), "bicubic", antialias=True)
+        return {"images": to_uint8_image(image), "image_sizes": tf.cast(image_size, tf.int32)}
 
 
 def _views_of_record(source, augmentation: MultiCropAugmentation, decode: str, loaded: bool):
@@ -152,7 +142,7 @@ def multicrop_dataset(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}.")
-    source = _as_source(images, labels)
+    source = as_source(images, labels)
     if isinstance(augmentation, WholeImages):
         decode = "once"  # the whole image is wanted
         if augmentation.size is None and source.image_shape is None:
@@ -237,12 +227,9 @@ def center_crop(image, size: int, crop_fraction: float = 1.0):
     ``image`` is one image [H, W, C] or a batch [N, H, W, C] of one size, uint8
     or float in [0, 1]; the result is float32 in [0, 1].
     """
-    image = to_float_image(image)
-    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
-    scale = (size / crop_fraction) / tf.reduce_min(shape)
-    resized_shape = tf.maximum(tf.cast(tf.math.round(shape * scale), tf.int32), size)
+    image = to_float_image(tf.convert_to_tensor(image))
+    resized_shape, offset = center_crop_geometry(tf.shape(image)[-3:-1], size, crop_fraction)
     image = tf.image.resize(image, resized_shape, method="bilinear", antialias=True)
-    offset = (resized_shape - size) // 2
     image = image[..., offset[0] : offset[0] + size, offset[1] : offset[1] + size, :]
     return tf.clip_by_value(image, 0.0, 1.0)
 
@@ -262,7 +249,7 @@ def eval_dataset(
     """
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
-    source = _as_source(images, labels)
+    source = as_source(images, labels)
 
     def prepare(record):
         example = source.load(record)
@@ -285,7 +272,7 @@ def classification_dataset(
     seed: int = 0,
 ) -> tf.data.Dataset:
     """Shuffled, repeating ``(images, labels)`` batches with random resized crop + flip: linear-probe training."""
-    source = _as_source(images, labels)
+    source = as_source(images, labels)
     if not source.has_labels:
         raise ValueError(f"{source.name} has no labels to train a classifier on.")
     ratio = (3 / 4, 4 / 3)

@@ -28,44 +28,22 @@ import keras
 import numpy as np
 from PIL import Image
 
-from keras_carp.data.sources import ArraySource, FolderSource, ImageSource
-from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from keras_carp.data.sources import ImageSource, as_source
+from keras_carp.data.sources import decode_file as decode_file  # re-exported
+from keras_carp.imagenet import center_crop_geometry, normalize, to_float_image, to_uint8_image
 
 logger = logging.getLogger("keras_carp.data")
 _POOL_LOCK = threading.Lock()  # Keras' worker threads may ask for the decode pool at once
 
 
-def _as_source(images, labels) -> ArraySource | FolderSource:
-    if isinstance(images, (ArraySource, FolderSource)):
-        if labels is not None:
-            raise ValueError("Pass labels with in-memory arrays only; a source carries its own labels.")
-        return images
-    if isinstance(images, ImageSource):
+def _readable_source(images, labels) -> ImageSource:
+    source = as_source(images, labels)
+    if not source.reads_without_tensorflow:
         raise TypeError(
-            f"{type(images).__name__} is read through tf.data (multicrop_dataset); the Python loaders take an "
-            "ArraySource, a FolderSource or arrays [N, H, W, C]."
+            f"{type(source).__name__} is read through tf.data (multicrop_dataset); the Python loaders take "
+            "in-memory arrays [N, H, W, C] or an image folder (a source that reads without TensorFlow)."
         )
-    return ArraySource(images, labels)
-
-
-def decode_file(path: str) -> Image.Image:
-    """An image file (first frame of a GIF) as a loaded RGB Pillow image; raises when it cannot be decoded."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 as is; float in [0, 1] rounded to [0, 255]."""
-    if images.dtype == np.uint8:
-        return images
-    return np.clip(np.round(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-
-
-def _to_float(image: np.ndarray) -> np.ndarray:
-    """uint8 [0, 255] or float [0, 1] -> float32 [0, 1], as ``tf.image.convert_image_dtype`` scales it."""
-    if np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float32) * np.float32(1 / np.iinfo(image.dtype).max)
-    return image.astype(np.float32)
+    return source
 
 
 def _shared_array(typecode: str, size: int):
@@ -121,20 +99,14 @@ class _SkipLog:
 class _Decoder:
     """Per-process state shared by the two loaders: the source, a lazy thread pool, the skip log."""
 
-    def _setup(self, source: ArraySource | FolderSource, decode_threads: int) -> None:
+    def _setup(self, source: ImageSource, decode_threads: int) -> None:
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be at least 1, got {decode_threads}.")
         self.source = source
         self.num_examples = source.num_examples
         self.decode_threads = decode_threads
-        self._files = source.scan.files if isinstance(source, FolderSource) else None
-        self._skips = _SkipLog(source.num_examples) if self._files is not None else None
-        if not source.has_labels:
-            self._labels = None
-        elif self._files is not None:
-            self._labels = np.asarray(source.scan.labels, np.int32)
-        else:
-            self._labels = source.labels.astype(np.int32)
+        self._skips = _SkipLog(source.num_examples) if source.encoded else None
+        self._labels = source.labels.astype(np.int32) if source.has_labels else None
         self._pool = None
         self._pool_pid = None
 
@@ -150,7 +122,7 @@ class _Decoder:
     @property
     def skipped_files(self) -> list[str]:
         """Paths of the files found undecodable so far."""
-        return [] if self._skips is None else [self._files[i] for i in self._skips.bad_indices]
+        return [] if self._skips is None else [self.source.location(int(i)) for i in self._skips.bad_indices]
 
     def _map(self, function, items: list) -> list:
         """``function`` over ``items``, in this process's decode thread pool when there is one."""
@@ -162,16 +134,18 @@ class _Decoder:
                 self._pool_pid = os.getpid()
         return list(self._pool.map(function, items))
 
-    def _try_decode(self, index: int) -> Image.Image | None:
-        """File ``index`` decoded, or None (logged the first time, remembered) when it cannot be."""
+    def _try_read(self, index: int) -> np.ndarray | None:
+        """Image ``index``, or None (logged the first time, remembered) when it cannot be decoded."""
+        if self._skips is None:
+            return self.source.read(index)
         if self._skips.is_bad(index):
             return None
         try:
-            return decode_file(self._files[index])
+            return self.source.read(index)
         except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
             if self._skips.mark_bad(index):
-                logger.warning("%s: skipping undecodable image %s (%s: %s)", self.source.name, self._files[index],
-                               type(error).__name__, error)  # fmt: skip
+                logger.warning("%s: skipping undecodable image %s (%s: %s)", self.source.name,
+                               self.source.location(index), type(error).__name__, error)  # fmt: skip
             return None
 
     def __getstate__(self) -> dict:
@@ -231,8 +205,8 @@ class ImageBatches(_Decoder, keras.utils.PyDataset):
     is an error: the data is broken, not a few files.
 
     Args:
-        images: an ``ArraySource``, a ``FolderSource`` or images [N, H, W, C] (C = 1 or 3), uint8 or float
-            in [0, 1].
+        images: a source that ``reads_without_tensorflow`` (an ``ArraySource``, a ``FolderSource``) or
+            images [N, H, W, C] (C = 1 or 3), uint8 or float in [0, 1].
         batch_size: images per batch.
         image_size: S; required for folders; arrays default to their own (square) size.
         labels: class labels for in-memory ``images``.
@@ -262,7 +236,7 @@ class ImageBatches(_Decoder, keras.utils.PyDataset):
         max_queue_size: int = 10,
     ):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
-        source = _as_source(images, labels)
+        source = _readable_source(images, labels)
         self._setup(source, decode_threads)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -272,7 +246,7 @@ class ImageBatches(_Decoder, keras.utils.PyDataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
         if image_size is None:
             shape = source.image_shape
-            if self._files is not None or shape is None or shape[0] != shape[1]:
+            if source.encoded or shape is None or shape[0] != shape[1]:
                 raise ValueError(f"{source.name}: pass image_size (needed for folders and non-square arrays).")
             image_size = int(shape[0])
         if image_size <= 0:
@@ -346,40 +320,29 @@ class ImageBatches(_Decoder, keras.utils.PyDataset):
         epoch, position = divmod(step, self.steps_per_epoch)
         order = self.epoch_order(epoch)
         positions = list(range(position * self.batch_size, (position + 1) * self.batch_size))
-        if self._files is None:
-            indices = order[positions]
-            images, sizes = self._array_batch(indices)
-        else:
-            images, sizes, indices = self._folder_batch(order, positions, epoch, step)
-        x = {"images": images, "image_sizes": sizes}
+        images, indices = self._read_batch(order, positions, epoch, step)
+        sizes = np.array([image.shape[:2] for image in images], np.int32)
+        x = {"images": np.stack(self._map(self._stretch, images)), "image_sizes": sizes}
         return (x, self._labels[indices]) if self.has_labels else (x,)
 
-    def _array_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = _to_uint8(self.source.images[indices])
-        height, width = images.shape[1:3]
-        size = self.image_size
-        if (height, width) != (size, size):
-            images = np.stack([self._resize(image) for image in images])
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
-        sizes = np.tile(np.array([[height, width]], np.int32), (len(indices), 1))
-        return np.ascontiguousarray(images), sizes
+    def _stretch(self, image: np.ndarray) -> np.ndarray:
+        """One image to uint8 [S, S, 3]: Pillow bicubic (antialiased when shrinking) unless already S x S."""
+        image = to_uint8_image(image)
+        if image.shape[:2] != (self.image_size, self.image_size):
+            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            image = np.asarray(pil.resize((self.image_size, self.image_size), Image.BICUBIC))
+            image = image[..., None] if image.ndim == 2 else image
+        return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
-    def _resize(self, image: np.ndarray) -> np.ndarray:
-        """One uint8 [H, W, C] image to S x S (Pillow bicubic, antialiased when shrinking)."""
-        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        out = np.asarray(pil.resize((self.image_size, self.image_size), Image.BICUBIC))
-        return out[..., None] if out.ndim == 2 else out
-
-    def _folder_batch(self, order, positions, epoch, step):
-        """Decode a batch's files; an undecodable one is replaced by the next decodable file of the epoch."""
+    def _read_batch(self, order, positions, epoch, step) -> tuple[list, np.ndarray]:
+        """A batch's images; an undecodable one is replaced by the next decodable image of the epoch's order."""
         count = len(order)
-        own = self._map(lambda position: self._try_decode(int(order[position])), positions)
+        own = self._map(lambda position: self._try_read(int(order[position])), positions)
         failed = [i for i, image in enumerate(own) if image is None]
         for i in failed:
             self._skips.count(int(order[positions[i]]), epoch)
         if failed and len(failed) == len(positions) and len(positions) > 1:
-            examples = "; ".join(self._files[int(order[positions[i]])] for i in failed[:3])
+            examples = "; ".join(self.source.location(int(order[positions[i]])) for i in failed[:3])
             raise RuntimeError(
                 f"{self.source.name}: none of the {len(positions)} files of step {step} (epoch {epoch}) could be "
                 f"decoded (e.g. {examples}); the data is broken, not a few files."
@@ -388,46 +351,31 @@ class ImageBatches(_Decoder, keras.utils.PyDataset):
         for i in failed:
             for ahead in range(1, count):
                 candidate = int(order[(positions[i] + ahead) % count])
-                image = self._try_decode(candidate)
+                image = self._try_read(candidate)
                 if image is not None:
                     own[i], indices[i] = image, candidate
                     break
             else:
                 raise RuntimeError(f"{self.source.name}: no image could be decoded.")
-        sizes = np.array([(image.height, image.width) for image in own], np.int32)
-        size = (self.image_size, self.image_size)
-        resized = self._map(lambda image: np.asarray(image.resize(size, Image.BICUBIC)), own)
-        return np.stack(resized), sizes, np.array(indices)
+        return own, np.array(indices)
 
 
 def center_crop_image(image: np.ndarray, size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """``pipeline.center_crop`` with Pillow: float32 [size, size, 3] in [0, 1] from uint8 or float [H, W, C].
 
-    The shorter side is resized to ``size / crop_fraction`` with the sizes
-    rounded as TensorFlow rounds them, by Pillow's bilinear filter (antialiased
-    when shrinking, like ``tf.image.resize(..., antialias=True)``) on float
-    channels, then the central size x size is taken.
+    The geometry is ``center_crop_geometry``'s; the resize is Pillow's bilinear
+    filter (antialiased when shrinking, like ``tf.image.resize(...,
+    antialias=True)``) on float channels.
     """
-    image = _to_float(np.asarray(image))
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    shape = np.array(image.shape[:2], np.float32)
-    scale = np.float32(size / crop_fraction) / shape.min()
-    height, width = np.maximum(np.round(shape * scale).astype(np.int32), size)
+    image = to_float_image(image)
+    (height, width), (top, left) = center_crop_geometry(image.shape[:2], size, crop_fraction)
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).resize((int(width), int(height)),
                                                                                 Image.BILINEAR))
         for c in range(3)
     ]  # fmt: skip
-    top, left = (height - size) // 2, (width - size) // 2
     resized = np.stack(channels, axis=-1)[top : top + size, left : left + size]
     return np.clip(resized, 0.0, 1.0)
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """[0, 1] RGB -> ImageNet-normalised float32 (NumPy)."""
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return ((np.asarray(images, np.float32) - mean) / std).astype(np.float32)
 
 
 class EvalBatches(_Decoder, keras.utils.PyDataset):
@@ -439,7 +387,7 @@ class EvalBatches(_Decoder, keras.utils.PyDataset):
     and counted in ``skipped``, as ``eval_dataset`` skips them.
 
     Args:
-        images: an ``ArraySource``, a ``FolderSource`` or images [N, H, W, C].
+        images: as for ``ImageBatches``.
         image_size: S, the crop's side.
         batch_size: images per batch (the last batch holds the rest).
         labels: class labels for in-memory ``images``.
@@ -464,7 +412,7 @@ class EvalBatches(_Decoder, keras.utils.PyDataset):
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}.")
         if batch_size <= 0 or image_size <= 0:
             raise ValueError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}.")
-        self._setup(_as_source(images, labels), decode_threads)
+        self._setup(_readable_source(images, labels), decode_threads)
         self.image_size, self.batch_size, self.crop_fraction = int(image_size), int(batch_size), crop_fraction
 
     def __len__(self) -> int:
@@ -485,11 +433,5 @@ class EvalBatches(_Decoder, keras.utils.PyDataset):
         return (images, self._labels[kept]) if self.has_labels else images
 
     def _crop(self, index: int) -> np.ndarray | None:
-        if self._files is None:
-            image = self.source.images[index]
-        else:
-            decoded = self._try_decode(index)
-            if decoded is None:
-                return None
-            image = np.asarray(decoded)
-        return center_crop_image(image, self.image_size, self.crop_fraction)
+        image = self._try_read(index)
+        return None if image is None else center_crop_image(image, self.image_size, self.crop_fraction)

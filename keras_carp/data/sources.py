@@ -1,10 +1,14 @@
 """Image sources for pretraining: in-memory arrays, image folders and TFDS datasets.
 
-A source says what it holds (``num_examples``, ``class_names``, ``image_shape``)
-and yields small records that are cheap to shuffle and shard: an index, a file
-path, or an encoded image. ``load`` turns a record into a decoded image or the
-encoded bytes inside the parallel tf.data map (see ``keras_carp.data.pipeline``).
+Every source answers one interface (``ImageSource``): what it holds
+(``num_examples``, ``labels``, ``class_names``, ``image_shape``), ``subset``,
+``read`` (one image without TensorFlow, where it can) and, for tf.data, small
+records that are cheap to shuffle and shard: an index, a file path, or an
+encoded image. ``load`` turns a record into a decoded image or the encoded
+bytes inside the parallel tf.data map (see ``keras_carp.data.pipeline``).
 Labels travel with the images for evaluation; the CARP loss never sees them.
+``as_source`` turns what a loader is given into a source; ``load_source``
+opens one by dataset name.
 
 This module imports without TensorFlow: ``ArraySource``, ``FolderSource``,
 ``load_digits``, ``load_fashion_mnist`` and ``scan_image_folder`` work on a
@@ -22,10 +26,12 @@ long run.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import gzip
 import io
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -92,15 +98,26 @@ def steps_per_epoch(num_examples: int, batch_size: int, num_input_pipelines: int
 
 
 class ImageSource:
-    """Base class: subclasses set the attributes and implement ``records`` and ``load``.
+    """What every source of images answers, whatever holds the images (files, arrays, TFDS).
+
+    Subclasses set the attributes and implement ``records`` and ``load`` (the
+    tf.data side), ``labels`` and ``subset``, and ``read`` where Pillow can
+    read the images without TensorFlow.
+
+    Bad files: what can be found before training (missing or unreadable
+    files) is found when the source is opened; images that only fail when
+    decoded (``encoded`` sources) are skipped, not fatal: tf.data counts them
+    in ``skipped``, the Pillow loaders in their own ``skipped``.
 
     Attributes:
         name: a short description for logs.
-        num_examples: how many images ``records`` yields (before sharding).
+        num_examples: how many images ``records`` yields (before sharding); also ``len(source)``.
         class_names: label names, or None when the source is unlabelled.
         image_shape: (H, W) when every image has that size, else None.
         encoded: True when ``load`` returns encoded bytes that can fail to decode.
         records_hold_images: True when records carry the encoded images (large to shuffle).
+        reads_without_tensorflow: True when ``read`` decodes an image with NumPy or Pillow.
+        tfds_name: the TFDS dataset when the source is a whole TFDS split, else None.
     """
 
     name: str = "images"
@@ -109,13 +126,27 @@ class ImageSource:
     image_shape: tuple | None = None
     encoded: bool = False
     records_hold_images: bool = False
+    reads_without_tensorflow: bool = False
+    tfds_name: str | None = None
 
     def __init__(self):
         self.skipped = SkippedImages()
 
+    def __len__(self) -> int:
+        return self.num_examples
+
     @property
     def has_labels(self) -> bool:
         return self.class_names is not None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int64 [N] in the source's own order (the one ``subset`` and ``read`` index), or None when unlabelled."""
+        return None
+
+    def image_sizes(self) -> list[tuple[int, int]] | None:
+        """(height, width) of every image when known without decoding (files: from their headers), else None."""
+        return None
 
     def records(self, input_context: tf.distribute.InputContext | None = None, seed: int = 0) -> tf.data.Dataset:
         """Small records, one per image, sharded for ``input_context``'s pipeline when given."""
@@ -125,9 +156,94 @@ class ImageSource:
         """``{"image": uint8 [H, W, 3]}`` or ``{"encoded": string}``, plus ``"label"`` when labelled."""
         raise NotImplementedError
 
+    def read(self, index: int) -> np.ndarray:
+        """Image ``index`` without TensorFlow: [H, W, C], uint8 or float in [0, 1]; raises when it cannot be decoded."""
+        raise TypeError(
+            f"{type(self).__name__} is read through tf.data (multicrop_dataset, eval_dataset); the Python loaders "
+            "take in-memory arrays and image folders."
+        )
+
+    def location(self, index: int) -> str:
+        """Where image ``index`` is, for messages: its file, else its position."""
+        return f"{self.name}[{index}]"
+
+    def subset(self, selection, seed: int = 0, name: str | None = None) -> ImageSource:
+        """The images at ``selection`` (indices into this source's order), or a float fraction of them.
+
+        A fraction draws ``label_fraction_indices(labels, fraction, seed)``:
+        class-balanced when labelled, uniform otherwise; 1.0 is the source itself.
+        """
+        if isinstance(selection, (float, np.floating)):
+            fraction = check_label_fraction(selection)
+            if fraction == 1.0:
+                return self
+            labels = self.labels if self.has_labels else np.zeros(self.num_examples, "int64")
+            indices = label_fraction_indices(labels, fraction, seed)
+            name = name or f"{self.name}[{100 * fraction:g}%, seed {seed}]"
+        else:
+            indices = np.asarray(selection, "int64").reshape(-1)
+            if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+                raise IndexError(f"{self.name} has {self.num_examples} images; subset indices must be in range.")
+            name = name or f"{self.name}[{len(indices)} of {self.num_examples}]"
+        if indices.size == 0:
+            raise ValueError(f"{name}: the subset is empty.")
+        return self._subset(indices, name)
+
+    def _subset(self, indices: np.ndarray, name: str) -> ImageSource:
+        raise TypeError(f"{type(self).__name__} cannot take a subset.")
+
     def __repr__(self) -> str:
         labels = f"{len(self.class_names)} classes" if self.has_labels else "unlabelled"
         return f"<{type(self).__name__} {self.name}: {self.num_examples} images, {labels}>"
+
+
+def as_source(images, labels=None) -> ImageSource:
+    """``images`` as an ``ImageSource``: a source as it is, else in-memory images [N, H, W, C] (and their labels).
+
+    A source carries its own labels: passing ``labels`` with one is an error.
+    """
+    if isinstance(images, ImageSource):
+        if labels is not None:
+            raise ValueError("Pass labels with in-memory arrays only; a source carries its own labels.")
+        return images
+    return ArraySource(images, labels)
+
+
+# ----------------------------------------------------------------------------- label fractions
+
+
+def check_label_fraction(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1]; a clear error otherwise."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"label fraction must be a number in (0, 1], got {fraction!r}.") from None
+    if not 0.0 < value <= 1.0 or math.isnan(value):
+        raise ValueError(f"label fraction must be in (0, 1] (0.01 for 1 %), got {fraction!r}.")
+    return value
+
+
+def label_fraction_indices(labels, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced ``fraction`` of ``labels``, the same for the same seed.
+
+    Each class keeps ``round(fraction * its count)`` images, at least one, drawn
+    uniformly from a ``numpy`` generator seeded with ``seed``. Each class's
+    images are ranked by one permutation whatever the fraction, so with one
+    seed the 1 % subset is contained in the 10 % subset.
+    """
+    fraction = check_label_fraction(fraction)
+    labels = np.asarray(labels).astype("int64").reshape(-1)
+    if labels.size == 0:
+        raise ValueError("No labels to draw a fraction from (the dataset is empty).")
+    if labels.min() < 0:
+        raise ValueError(f"Labels must be non-negative class indices, got {int(labels.min())}.")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep = max(1, int(math.floor(fraction * len(members) + 0.5)))
+        chosen.append(rng.permutation(members)[:keep])
+    return np.sort(np.concatenate(chosen))
 
 
 def _shard(dataset: tf.data.Dataset, input_context) -> tf.data.Dataset:
@@ -138,6 +254,8 @@ def _shard(dataset: tf.data.Dataset, input_context) -> tf.data.Dataset:
 
 class ArraySource(ImageSource):
     """Images held in memory: uint8 [N, H, W, C] (C = 1 or 3) or float [N, H, W, C] in [0, 1]."""
+
+    reads_without_tensorflow = True
 
     def __init__(self, images, labels=None, class_names=None, name: str = "arrays"):
         super().__init__()
@@ -154,11 +272,22 @@ class ArraySource(ImageSource):
                 raise ValueError(f"{name}: {len(images)} images but labels of shape {labels.shape}.")
             if class_names is None:
                 class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
-        self.images, self.labels = images, labels
+        self.images, self._labels = images, labels
         self.class_names = tuple(class_names) if labels is not None else None
         self.num_examples = len(images)
         self.image_shape = tuple(images.shape[1:3])
         self.name = name
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self._labels
+
+    def read(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def _subset(self, indices: np.ndarray, name: str) -> ArraySource:
+        labels = None if self._labels is None else self._labels[indices]
+        return ArraySource(self.images[indices], labels, self.class_names, name=name)
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
         import tensorflow as tf
@@ -172,7 +301,7 @@ class ArraySource(ImageSource):
         if not hasattr(self, "_images_tensor"):
             with tf.init_scope():
                 self._images_tensor = tf.constant(self.images)
-                self._labels_tensor = None if self.labels is None else tf.constant(self.labels)
+                self._labels_tensor = None if self._labels is None else tf.constant(self._labels)
         out = {"image": tf.gather(self._images_tensor, record)}
         if self._labels_tensor is not None:
             out["label"] = tf.gather(self._labels_tensor, record)
@@ -358,6 +487,14 @@ def scan_image_folder(directory: str | os.PathLike, workers: int = 16) -> Folder
     return scan
 
 
+def decode_file(path: str):
+    """An image file (first frame of a GIF) as a loaded RGB Pillow image; raises when it cannot be decoded."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def _safe_inspect(path: str):
     try:
         return _inspect(path)
@@ -374,6 +511,7 @@ class FolderSource(ImageSource):
     """
 
     encoded = True
+    reads_without_tensorflow = True
 
     def __init__(self, directory: str | os.PathLike, workers: int = 16):
         super().__init__()
@@ -389,13 +527,40 @@ class FolderSource(ImageSource):
                            ", ..." if len(scan.unreadable) > 5 else "")  # fmt: skip
         if scan.ignored:
             logger.info("%s: ignoring %d files that are not images in class folders", directory, len(scan.ignored))
-        self.scan = scan
         self.name = str(directory)
+        self._use(scan)
+
+    def _use(self, scan: FolderScan) -> None:
+        self.scan = scan
         self.num_examples = len(scan.files)
         self.class_names = scan.class_names
         self.min_side = min(min(size) for size in scan.sizes)
         shapes = {(h, w) for w, h in scan.sizes}
         self.image_shape = shapes.pop() if len(shapes) == 1 else None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return np.asarray(self.scan.labels, "int64") if self.has_labels else None
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [(height, width) for width, height in self.scan.sizes]
+
+    def read(self, index: int) -> np.ndarray:
+        return np.asarray(decode_file(self.scan.files[index]))
+
+    def location(self, index: int) -> str:
+        return self.scan.files[index]
+
+    def _subset(self, indices: np.ndarray, name: str) -> FolderSource:
+        subset = copy.copy(self)
+        subset.__dict__.pop("_converted_tensor", None)
+        pick = [int(i) for i in indices]
+        scan = self.scan
+        files, sizes = [scan.files[i] for i in pick], [scan.sizes[i] for i in pick]
+        labels = [scan.labels[i] for i in pick] if scan.labels else []
+        subset._use(dataclasses.replace(scan, files=files, labels=labels, sizes=sizes))
+        subset.name, subset.skipped = name, SkippedImages()
+        return subset
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
         import tensorflow as tf
@@ -490,9 +655,8 @@ class TFDSSource(ImageSource):
         if not builder.is_prepared():
             if not download:
                 raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (download off).")
-            # TFDS's default manual folder: <data_dir root>/downloads/manual (data_dir is root/name[/config]/version).
-            root = Path(builder.data_dir).parents[len(builder.info.full_name.split("/")) - 1]
-            manual = Path(manual_dir) if manual_dir else root / "downloads" / "manual"
+            # TFDS's default manual folder: <data_dir root>/downloads/manual.
+            manual = Path(manual_dir) if manual_dir else _data_root(builder) / "downloads" / "manual"
             try:
                 builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
             except (AssertionError, tf.errors.NotFoundError) as error:  # TFDS's own missing-archive errors
@@ -501,6 +665,8 @@ class TFDSSource(ImageSource):
                 raise
         self.image_key, self.label_key = _tfds_image_and_label_keys(builder.info)
         self.builder, self.split, self.name = builder, split, f"{name}:{split}"
+        self.tfds_name = builder.name
+        self._labels = None
         self.num_examples = self._count_examples(builder, split)
         label_feature = builder.info.features[self.label_key] if self.label_key else None
         self.class_names = tuple(label_feature.names) if label_feature is not None else None
@@ -525,6 +691,31 @@ class TFDSSource(ImageSource):
         image_key, _ = _tfds_image_and_label_keys(builder.info)
         dataset = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+
+    @property
+    def data_root(self) -> Path:
+        """The folder TFDS prepares datasets in (``data_dir``), where sibling datasets are found."""
+        return _data_root(self.builder)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Every label of the split in its unshuffled order (read once, then kept)."""
+        if not self.has_labels:
+            return None
+        if self._labels is None:
+            labels = self.ordered().map(lambda example: example[self.label_key])
+            self._labels = np.fromiter(labels.as_numpy_iterator(), "int64")
+        return self._labels
+
+    def ordered(self) -> tf.data.Dataset:
+        """The split's examples (images encoded) in TFDS's unshuffled order: the order ``subset`` indexes."""
+        import tensorflow_datasets as tfds
+
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}
+        return self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=False)
+
+    def _subset(self, indices: np.ndarray, name: str) -> ImageSource:
+        return _TFDSSubset(self, indices, name)
 
     def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
         import tensorflow_datasets as tfds
@@ -552,6 +743,48 @@ class TFDSSource(ImageSource):
         return out
 
 
+def _data_root(builder) -> Path:
+    """TFDS's ``data_dir`` of a builder (its ``data_dir`` is root/name[/config]/version)."""
+    return Path(builder.data_dir).parents[len(builder.info.full_name.split("/")) - 1]
+
+
+class _TFDSSubset(ImageSource):
+    """Some examples of a TFDS split, by their position in the split's unshuffled order."""
+
+    encoded = True
+    records_hold_images = True
+
+    def __init__(self, base: TFDSSource, indices: np.ndarray, name: str):
+        super().__init__()
+        self.base, self.indices = base, np.unique(np.asarray(indices, "int64"))  # records come in the split's order
+        self.name, self.num_examples = name, len(self.indices)
+        self.class_names, self.image_shape = base.class_names, base.image_shape
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self.base.labels is None else self.base.labels[self.indices]
+
+    def _subset(self, indices: np.ndarray, name: str) -> ImageSource:
+        return _TFDSSubset(self.base, self.indices[indices], name)
+
+    def records(self, input_context=None, seed: int = 0) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        keep = np.zeros(int(self.indices.max()) + 1, bool)
+        keep[self.indices] = True
+        size, keep = len(keep), tf.constant(keep)
+        keys = [self.base.image_key] + ([self.base.label_key] if self.has_labels else [])
+        dataset = (
+            self.base.ordered()
+            .enumerate()
+            .filter(lambda index, _: tf.logical_and(index < size, tf.gather(keep, tf.minimum(index, size - 1))))
+        )
+        return _shard(dataset.map(lambda _, example: {k: example[k] for k in keys}), input_context)
+
+    def load(self, record) -> dict:
+        return self.base.load(record)
+
+
 # ----------------------------------------------------------------------------- by name
 
 BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
@@ -565,10 +798,11 @@ def check_image_size(source: ImageSource, min_image_size: int) -> None:
         f"Random resized crops of such images are upsampled; to accept that, pass min_image_size=0, "
         f"or resize the images to at least {min_image_size} px."
     )
-    if isinstance(source, FolderSource):
-        small = [(path, size) for path, size in zip(source.scan.files, source.scan.sizes) if min(size) < min_image_size]
+    sizes = source.image_sizes()
+    if sizes is not None:
+        small = [(i, size) for i, size in enumerate(sizes) if min(size) < min_image_size]
         if small:
-            examples = ", ".join(f"{path} ({w}x{h})" for path, (w, h) in small[:3])
+            examples = ", ".join(f"{source.location(i)} ({w}x{h})" for i, (h, w) in small[:3])
             raise ValueError(
                 f"{len(small)} of {source.num_examples} images in {source.name} are smaller than "
                 f"{min_image_size} px on a side, e.g. {examples}. {hint}"

@@ -1,6 +1,5 @@
-"""Evaluation protocols on frozen encoders, and monitors for ``fit``."""
+"""Evaluation protocols on frozen encoders (their monitors for ``fit`` are in ``keras_carp.callbacks``)."""
 
-from keras_carp.evaluation.callbacks import CollapseMonitor, KNNMonitor
 from keras_carp.evaluation.clustering import clustering_accuracy, kmeans_scores
 from keras_carp.evaluation.copy_detection import copy_detection_map, copydays_blocks, evaluate_copydays
 from keras_carp.evaluation.features import extract_features, extract_labelled_features
@@ -30,8 +29,6 @@ from keras_carp.evaluation.transfer import (
 
 __all__ = [
     "OnlineLinearProbe",
-    "CollapseMonitor",
-    "KNNMonitor",
     "TRANSFER_DATASETS",
     "TRANSFER_LIST",
     "TransferDataset",

@@ -101,19 +101,20 @@ def folder_path(dataset: TransferDataset, data_dir: str | os.PathLike | None) ->
 
 
 def open_dataset(dataset: TransferDataset, data_dir=None, download: bool = True):
-    """(train source, test source) of a registry entry; a clear error when its images are not there."""
-    from keras_carp.data import FolderSource, TFDSSource
+    """(train source, test source) of a registry entry, opened by ``load_source``; a clear error when its images
+    are not there."""
+    from keras_carp.data import load_source
 
+    splits = (dataset.train_split, dataset.test_split)
     if dataset.tfds_name is None:
         root = folder_path(dataset, data_dir)
         if root is None:
             where = Path(data_dir) / (dataset.folder or dataset.name) if data_dir else f"<data_dir>/{dataset.folder}"
             raise FileNotFoundError(f"{dataset.name} is not in TFDS: put its class folders in {where}/"
                                     f"{dataset.train_split} and {where}/{dataset.test_split}.")  # fmt: skip
-        sources = (FolderSource(root / dataset.train_split), FolderSource(root / dataset.test_split))
+        sources = tuple(load_source("folder", split, root) for split in splits)
     else:
-        sources = tuple(TFDSSource(dataset.tfds_name, split, data_dir, download=download)
-                        for split in (dataset.train_split, dataset.test_split))  # fmt: skip
+        sources = tuple(load_source(dataset.tfds_name, split, data_dir, download=download) for split in splits)
     for source in sources:
         if not source.has_labels:
             raise ValueError(f"{source.name} has no labels.")

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_carp.evaluation import CollapseMonitor, KNNMonitor
+from keras_carp.callbacks import CollapseMonitor, KNNMonitor
 from tests.conftest import random_views, tiny_model
 
 pytestmark = pytest.mark.core

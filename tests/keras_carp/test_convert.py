@@ -148,7 +148,7 @@ def test_carp_convert_writes_a_keras_model_and_a_saved_model(released, tmp_path,
     path, _, student, teacher = released
     keras_file, saved_model = tmp_path / "carp.keras", tmp_path / "carp_sm"
     convert_cli.main([str(path), "--keras", str(keras_file), "--saved-model", str(saved_model),
-                      "--image-size", "64", "--embedding", "--assignments"])  # fmt: skip
+                      "--image-size", "64", "--embedding", "true", "--assignments", "true"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "epoch 7" in printed and "2048-d features" in printed
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import keras_carp
-import keras_carp.export
-from keras_carp.export import METADATA_FILE, ServingPreprocessing
+from keras_carp.export import METADATA_FILE, ServingPreprocessing, export_encoder
 from tests.conftest import random_views, tiny_model, to_numpy
 from tests.saved_model_client import serve
 
@@ -26,8 +25,8 @@ def test_saved_model_serves_the_keras_features_embedding_and_assignments(tmp_pat
 
     model = _trained_model()
     preprocessing = ServingPreprocessing(image_size=16, crop_fraction=0.8)
-    path = model.export_encoder(tmp_path / "teacher", preprocessing=preprocessing,
-                                include_embedding=True, include_assignments=True)  # fmt: skip
+    path = export_encoder(model, tmp_path / "teacher", preprocessing=preprocessing,
+                          include_embedding=True, include_assignments=True)  # fmt: skip
     rng = np.random.default_rng(1)
     uint8_images = rng.integers(0, 256, size=(6, 21, 27, 3), dtype=np.uint8)  # not square, not the crop size
     normalized = rng.normal(size=(6, 16, 16, 3)).astype("float32")
@@ -56,7 +55,7 @@ def test_saved_model_serves_the_keras_features_embedding_and_assignments(tmp_pat
 def test_student_export_with_images_at_their_own_size(tmp_path):
     model = _trained_model()
     preprocessing = ServingPreprocessing(image_size=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    path = keras_carp.export.export_encoder(model, tmp_path / "student", encoder="student", preprocessing=preprocessing)
+    path = export_encoder(model, tmp_path / "student", encoder="student", preprocessing=preprocessing)
     uint8_images = np.random.default_rng(2).integers(0, 256, size=(3, 12, 12, 3), dtype=np.uint8)
     normalized = (uint8_images.astype("float32") / 255.0 - 0.5) / 0.25
     served = serve(path, tmp_path, uint8_images, normalized)
@@ -72,12 +71,12 @@ def test_export_checks_its_inputs_before_any_work(tmp_path):
     occupied.mkdir()
     (occupied / "file").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
-        model.export_encoder(occupied)
+        export_encoder(model, occupied)
     assert (occupied / "file").read_text() == "keep me"
     with pytest.raises(ValueError, match="need a CARP model"):
-        keras_carp.export.export_encoder(model.teacher_encoder, tmp_path / "plain", include_embedding=True)
+        export_encoder(model.teacher_encoder, tmp_path / "plain", include_embedding=True)
     with pytest.raises(ValueError, match="encoder must be one of"):
-        model.export_encoder(tmp_path / "x", encoder="momentum")
+        export_encoder(model, tmp_path / "x", encoder="momentum")
     with pytest.raises(ValueError, match="crop_fraction"):
         ServingPreprocessing(crop_fraction=1.5)
     with pytest.raises(ValueError, match="image_size"):
@@ -88,7 +87,7 @@ def test_export_checks_its_inputs_before_any_work(tmp_path):
 def test_overwrite_replaces_an_export(tmp_path):
     model = tiny_model()
     path = tmp_path / "encoder"
-    model.export_encoder(path, preprocessing=ServingPreprocessing(16, 1.0))
-    model.export_encoder(path, preprocessing=ServingPreprocessing(12, 1.0), overwrite=True)
+    export_encoder(model, path, preprocessing=ServingPreprocessing(16, 1.0))
+    export_encoder(model, path, preprocessing=ServingPreprocessing(12, 1.0), overwrite=True)
     assert json.loads((path / METADATA_FILE).read_text())["preprocessing"]["image_size"] == 12
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())

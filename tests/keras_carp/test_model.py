@@ -78,8 +78,31 @@ def test_teacher_momentum_follows_the_cosine_over_the_whole_run():
     np.testing.assert_allclose(history.history["teacher_momentum"], want, rtol=1e-5)
 
 
+def test_teacher_ema_logs_the_momentum_in_the_train_steps_column(tmp_path):
+    """The callback puts m at the epoch's last batch in the epoch logs, under the train step's own name."""
+    model = tiny_model()
+    ema = keras_carp.TeacherEMA(0.9, 1.0)
+    csv = keras_carp.RunCSVLogger(str(tmp_path / "log.csv"))  # Keras' CSVLogger adds empty val_ columns
+    _fit(model, random_views(batch=16), epochs=2, callbacks=[ema, csv])
+    want = [1.0 - 0.1 * 0.5 * (1 + np.cos(np.pi * s / 4)) for s in (1, 3)]
+    header, *rows = (tmp_path / "log.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert [c for c in columns if "momentum" in c] == ["teacher_momentum"]
+    column = columns.index("teacher_momentum")
+    np.testing.assert_allclose([float(row.split(",")[column]) for row in rows], want, rtol=1e-5)
+    assert ema.total_steps == 4  # resolved to this fit's length
+    logs = {}
+    ema.on_epoch_end(1, logs)
+    assert isinstance(logs["teacher_momentum"], float) and logs["teacher_momentum"] == pytest.approx(want[-1])
+
+    plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    plain.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(TypeError, match="keras_carp.CARP"):
+        plain.fit(np.zeros((4, 2)), np.zeros((4, 1)), verbose=0, callbacks=[keras_carp.TeacherEMA()])
+
+
 def test_the_model_owns_the_teacher_momentum_schedule():
-    """CARP(teacher_momentum_schedule=) sets m; fit resolves an unset length; TeacherEMA (deprecated) sets it too."""
+    """CARP(teacher_momentum_schedule=) sets m; fit resolves an unset length; the TeacherEMA callback sets it too."""
     schedule = keras_carp.TeacherMomentumSchedule(0.9, 1.0)
     model = tiny_model(teacher_momentum_schedule=schedule)
     history = _fit(model, random_views(batch=16), epochs=2)
@@ -93,11 +116,13 @@ def test_the_model_owns_the_teacher_momentum_schedule():
     model.teacher_momentum_schedule = keras_carp.TeacherMomentumSchedule(0.5, 0.5)
     history = model.fit(x=random_views(batch=8), batch_size=8, epochs=1, verbose=0)
     np.testing.assert_allclose(history.history["teacher_momentum"], [0.5])
-    with pytest.warns(DeprecationWarning):
-        ema = keras_carp.TeacherEMA(0.75, 0.75, total_steps=10)
+    ema = keras_carp.TeacherEMA(0.75, 0.75, total_steps=10)
     history = model.fit(x=random_views(batch=8), batch_size=8, epochs=1, verbose=0, callbacks=[ema])
     np.testing.assert_allclose(history.history["teacher_momentum"], [0.75])
-    assert model.teacher_momentum_schedule == keras_carp.TeacherMomentumSchedule(0.75, 0.75, total_steps=10)
+    assert model.teacher_momentum_schedule is ema.teacher_momentum_schedule
+    with pytest.raises(ValueError, match="2 callbacks that set the teacher momentum"):
+        model.fit(x=random_views(batch=8), batch_size=8, epochs=1, verbose=0,
+                  callbacks=[ema, keras_carp.TeacherEMA(0.5, 0.5)])  # fmt: skip
     with pytest.raises(TypeError, match="TeacherMomentumSchedule"):
         tiny_model(teacher_momentum_schedule=0.99)
 

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -53,11 +54,14 @@ def test_teacher_momentum_schedule_is_the_cosine_and_round_trips():
     assert unresolved.with_total_steps(40) == schedule and schedule.with_total_steps(7) is schedule
 
 
-def test_teacher_ema_is_a_deprecated_form_of_the_schedule():
-    with pytest.warns(DeprecationWarning, match="TeacherMomentumSchedule"):
+def test_teacher_ema_carries_the_schedule_and_warns_of_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         ema = keras_carp.TeacherEMA(0.9, 1.0, total_steps=40)
-    assert ema.schedule == keras_carp.TeacherMomentumSchedule(0.9, 1.0, total_steps=40)
+    assert ema.teacher_momentum_schedule == keras_carp.TeacherMomentumSchedule(0.9, 1.0, total_steps=40)
     assert (ema.base_momentum, ema.final_momentum, ema.total_steps) == (0.9, 1.0, 40)
+    restored = keras_carp.TeacherEMA.from_config(ema.get_config())
+    assert restored.teacher_momentum_schedule == ema.teacher_momentum_schedule
 
 
 def test_schedule_rejects_bad_values():

@@ -15,7 +15,7 @@ def test_every_field_can_be_overridden_by_its_flag():
     assert config.model.block_size == 32 and config.views.global_scale == (0.5, 1.0)
     assert config.data.image_size is None
     assert config.model.num_prototypes == schema.load_preset("digits").model.num_prototypes
-    assert config["block_size"] == 32  # flat reading, as earlier versions' dict
+    assert config["block_size"] == 32  # a field by its own name
 
 
 @pytest.mark.parametrize("preset", schema.available_presets())
@@ -30,10 +30,9 @@ def test_every_flag_is_valid_on_every_preset(preset):
     assert config.views.blur_probability == (1.0, 0.0, 0.5)
 
 
-def test_old_preset_names_are_aliases_of_the_new_ones():
-    for old, new in schema.PRESET_ALIASES.items():
-        assert "-" in old and "-" not in new
-        assert pretrain.parse_config(["--preset", old]).preset == new
+def test_presets_have_one_name_each():
+    with pytest.raises(SystemExit, match="unknown preset 'fashion-mnist-resnet18'"):
+        pretrain.parse_config(["--preset", "fashion-mnist-resnet18"])
     assert sorted(schema.available_presets()) == sorted(
         ["cifar10_resnet18", "digits", "fashion_mnist", "fashion_mnist_resnet18", "imagenet_resnet50_200ep",
          "imagenet_resnet50_multicrop", "imagenet_vit_small_multicrop"])  # fmt: skip
@@ -78,7 +77,7 @@ def test_a_short_run_shortens_the_presets_warm_up():
 
 def test_print_config_prints_the_resolved_nested_configuration(capsys):
     with pytest.raises(SystemExit) as stopped:
-        pretrain.parse_config(["--preset", "fashion-mnist-resnet18", "--block-size", "64", "--print-config"])
+        pretrain.parse_config(["--preset", "fashion_mnist_resnet18", "--block-size", "64", "--print-config"])
     assert stopped.value.code == 0
     printed = json.loads(capsys.readouterr().out)
     assert list(printed) == ["preset", "description", *schema.SECTIONS]
@@ -147,17 +146,17 @@ def test_paper_presets_follow_the_paper():
     assert (c.model.partition, c.model.block_size, c.data.eval_split) == ("fixed", 65536, "train[:1%]")
 
 
-def test_a_flat_config_json_of_an_earlier_version_reads_as_the_same_run():
-    flat = {"preset": "fashion-mnist-resnet18", "description": "d", "dataset": "fashion_mnist", "block_size": 64,
-            "global_scale": [0.4, 1.0], "output_dir": "runs/x", "seed": 3}  # fmt: skip
-    config = schema.run_config_from_json(json.dumps(flat))
-    assert (config.preset, config.model.block_size, config.views.global_scale, config.run.seed) == (
-        "fashion_mnist_resnet18", 64, (0.4, 1.0), 3)  # fmt: skip
-    assert schema.flat_training_fields(flat) == {"dataset": "fashion_mnist", "block_size": 64,
-                                                 "global_scale": [0.4, 1.0], "seed": 3}  # fmt: skip
-    nested = config.to_dict()
-    assert schema.flat_training_fields(nested) == config.training_fields()
+def test_a_run_config_json_reads_back_and_a_flat_one_of_an_earlier_version_is_refused():
+    config = pretrain.parse_config(["--preset", "fashion_mnist", "--block-size", "64", "--seed", "3"])
+    assert schema.run_config_from_json(json.dumps(config.to_dict())) == config
     assert "output_dir" not in config.training_fields() and "data_dir" not in config.training_fields()
+    flat = {"preset": "fashion_mnist", "description": "d", "dataset": "fashion_mnist", "block_size": 64,
+            "global_scale": [0.4, 1.0], "output_dir": "runs/x", "seed": 3}  # fmt: skip
+    for saved in (flat, {"preset": "digits", "optimizer": "lars"}):
+        with pytest.raises(ValueError) as refused:
+            schema.run_config(saved)
+        assert str(refused.value) == schema.EARLIER_VERSION and "\n" not in str(refused.value)
+        assert "earlier version" in str(refused.value) and "new --output-dir" in str(refused.value)
 
 
 @pytest.mark.parametrize("preset", schema.available_presets())

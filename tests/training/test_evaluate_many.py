@@ -116,6 +116,6 @@ def test_bad_dataset_lists_stop_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="gtsrb is not in TFDS"):
         evaluate.main(["--model", str(tmp_path / "missing.keras"), "--datasets", "cifar10,gtsrb",
                        "--data-dir", str(tmp_path), "--output", str(tmp_path / "r.json")])  # fmt: skip
-    args = evaluate.parse_args(["--model", "pixels", "--transfer", "--datasets", "voc07"])
+    args = evaluate.parse_args(["--model", "pixels", "--transfer", "true", "--datasets", "voc07"])
     assert args.datasets[0] == "stl10" and args.datasets[-1] == "voc07" and "cifar100" in args.datasets
     assert args.protocols is None and args.dataset == "digits"

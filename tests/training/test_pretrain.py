@@ -155,7 +155,7 @@ def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path
 
     run = tmp_path / "run"
     assert pretrain.main(TINY + ["--output-dir", str(run), "--knn-every", "0"]) == 0
-    export.main([str(run / "model.keras"), str(tmp_path / "encoder"), "--assignments"])
+    export.main([str(run / "model.keras"), str(tmp_path / "encoder"), "--assignments", "true"])
     assert "teacher encoder, 128-d features, outputs ['features', 'assignments'], centre crop 16 px" in (
         capsys.readouterr().out
     )  # image size from the run's config.json
@@ -171,7 +171,7 @@ def test_carp_export_ships_the_teacher_of_a_run_and_carp_eval_scores_it(tmp_path
         export.main([str(tmp_path / "missing.keras"), str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="need a CARP model"):
         model.teacher_encoder.save(tmp_path / "encoder_only.keras")
-        export.main([str(tmp_path / "encoder_only.keras"), str(tmp_path / "third"), "--embedding"])
+        export.main([str(tmp_path / "encoder_only.keras"), str(tmp_path / "third"), "--embedding", "true"])
 
 
 def test_carp_pretrain_strategies_on_this_host(tmp_path, capsys):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import keras_carp
-from keras_carp.checkpoints import NonFiniteLossError, RunCheckpoint, atomic_save_model, latest_checkpoint
+from keras_carp.callbacks import RunCheckpoint
+from keras_carp.checkpoints import NonFiniteLossError, atomic_save_model, latest_checkpoint
 from tests.conftest import random_views, tiny_model, to_numpy
 from tests.training.killed_runs import csv_rows, kill_one_run_finish_the_other
 

@@ -64,7 +64,10 @@ def test_resuming_with_other_training_settings_is_refused_but_other_paths_are_no
     with pytest.raises(RunRefused, match=r"different configuration \(block_size: 128 -> 64\).*--output-dir"):
         check_same_run(run_dir, config.replace(block_size=64))
     (tmp_path / "config.json").write_text(json.dumps({**config.flat(), "preset": "digits"}))  # an earlier, flat file
-    check_same_run(run_dir, config)
+    with pytest.raises(RunRefused) as refused:
+        check_same_run(run_dir, config)
+    assert str(refused.value) == f"carp-pretrain: {run_dir}: {schema.EARLIER_VERSION}"
+    assert "earlier version" in str(refused.value) and "new --output-dir" in str(refused.value)
 
 
 def test_a_run_refused_for_its_data_leaves_no_directory(tmp_path):

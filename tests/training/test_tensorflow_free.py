@@ -85,3 +85,27 @@ def test_without_tensorflow_host_views_and_remote_paths_are_refused_with_the_rea
     assert not (tmp_path / "host").exists()
     remote = subprocess.run(_command("gs://bucket/run"), env=env, cwd=ROOT, capture_output=True, text=True)
     assert remote.returncode == 1 and "install tensorflow" in remote.stderr
+
+
+def test_without_tensorflow_min_image_size_zero_trains_on_small_images(tmp_path):
+    """--min-image-size 0 upsamples small images on the Pillow path too; unset, they are refused with the reason."""
+    from PIL import Image
+
+    env = _env()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("test", 8)):
+        for label in ("red", "blue"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (8, 8 + i % 3, 3), dtype=np.uint8)  # smaller than the 16 px crops
+                Image.fromarray(pixels).save(tmp_path / "data" / split / label / f"{i}.png")
+    args = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "16",
+            "--warmup-epochs", "0"]  # fmt: skip
+    refused = subprocess.run(_command(tmp_path / "refused", *args), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and "smaller than 16 px" in refused.stderr, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
+    run = subprocess.run(_command(tmp_path / "run", *args, "--min-image-size", "0"), env=env, cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_images"] == 48 and summary["augment"] == "device" and summary["skipped_images"] == 0

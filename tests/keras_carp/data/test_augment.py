@@ -1,15 +1,17 @@
-"""The view recipe: per-view transform rates measured on the outputs, and each transform against NumPy/SciPy."""
+"""The host view recipe: per-view transform rates measured on the outputs, sizes, JPEG crops, resizing.
+
+Each operation's law against torchvision and Pillow: ``tests/keras_carp/test_view_law.py``.
+"""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from scipy import ndimage
 from sklearn.datasets import load_sample_images
 
 from keras_carp.data import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
-from keras_carp.data.augment import crop_window, gaussian_blur, resize_crop
+from keras_carp.data.augment import crop_window, resize_crop
 from tests.keras_carp import recipe_rates
 
 NUM_IMAGES = 1000  # per-view rates: binomial standard error <= 1.6 points at p = 0.5
@@ -72,13 +74,6 @@ def test_blur_always_on_view_1_a_tenth_of_view_2_half_of_local_crops(view_flags)
 
 def test_colour_jitter_on_about_80_percent_of_every_view(view_flags):
     recipe_rates.check_colour_jitter(view_flags["jitter"])
-
-
-def test_gaussian_blur_matches_scipy():
-    image = np.random.default_rng(1).uniform(size=(23, 31, 3)).astype("float32")
-    sigma = 1.5  # radius ceil(3 * 1.5) = 5 taps each side, as scipy's truncate=3.0 gives
-    expected = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0), mode="reflect", truncate=3.0)
-    np.testing.assert_allclose(gaussian_blur(tf.constant(image), tf.constant(sigma)).numpy(), expected, atol=1e-5)
 
 
 def test_crop_windows_respect_the_scale_and_aspect_ratio_ranges():

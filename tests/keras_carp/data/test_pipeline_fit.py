@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_carp import TeacherEMA
-from keras_carp.data import FolderSource, MultiCropAugmentation, SkippedImagesLogger, multicrop_dataset
+from keras_carp.callbacks import SkippedImagesLogger, TeacherEMA
+from keras_carp.data import FolderSource, MultiCropAugmentation, multicrop_dataset
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.core

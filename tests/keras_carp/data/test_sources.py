@@ -8,11 +8,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from keras_carp.callbacks import SkippedImagesLogger
 from keras_carp.data import (
     ArraySource,
     FolderSource,
     MultiCropAugmentation,
-    SkippedImagesLogger,
     decode_image,
     eval_dataset,
     load_fashion_mnist,
