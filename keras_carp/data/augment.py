@@ -180,6 +180,16 @@ def _box_weights(sigma, reach: int):
     return tf.clip_by_value(radius + 1.0 - offsets, 0.0, 1.0) / (2.0 * radius + 1.0)
 
 
+def _box_pass_matrix(weights, size: int):
+    """float32 [size, size]: one box pass with ``weights`` [2 * reach + 1], pixels past the edges repeating the edge."""
+    reach = (weights.shape[0] - 1) // 2
+    taps = np.arange(-reach, reach + 1)
+    sources = np.clip(np.arange(size)[None, :] + taps[:, None], 0, size - 1)
+    gather = np.zeros((len(taps), size, size), "float32")
+    gather[np.arange(len(taps))[:, None], np.arange(size)[None, :], sources] = 1.0
+    return tf.tensordot(weights, tf.constant(gather), 1)
+
+
 def blur_matrix(sigma, size: int, max_sigma: float = 2.0):
     """float32 [size, size]: PIL's ``GaussianBlur(radius=sigma)`` along one axis.
 
@@ -188,11 +198,7 @@ def blur_matrix(sigma, size: int, max_sigma: float = 2.0):
     passes are that matrix cubed.
     """
     reach = max_box_reach(max(max_sigma, 1e-3))
-    taps = np.arange(-reach, reach + 1)
-    sources = np.clip(np.arange(size)[None, :] + taps[:, None], 0, size - 1)
-    gather = np.zeros((len(taps), size, size), "float32")
-    gather[np.arange(len(taps))[:, None], np.arange(size)[None, :], sources] = 1.0
-    box = tf.tensordot(_box_weights(sigma, reach), tf.constant(gather), 1)
+    box = _box_pass_matrix(_box_weights(sigma, reach), size)
     return box @ box @ box
 
 
@@ -213,11 +219,7 @@ def _three_box_passes(weights, reach: int):
     combine[np.arange(taps**3), triples] = 1.0
     outer = tf.reshape(weights[:, None, None] * weights[None, :, None] * weights[None, None, :], [-1])
     kernel = tf.tensordot(outer, tf.constant(combine), 1)  # the box convolved with itself three times
-    size = 2 * span
-    sources = np.clip(np.arange(size)[None, :] + np.arange(-reach, reach + 1)[:, None], 0, size - 1)
-    gather = np.zeros((taps, size, size), "float32")
-    gather[np.arange(taps)[:, None], np.arange(size)[None, :], sources] = 1.0
-    box = tf.tensordot(weights, tf.constant(gather), 1)
+    box = _box_pass_matrix(weights, 2 * span)
     return kernel, (box @ box @ box)[:span]
 
 

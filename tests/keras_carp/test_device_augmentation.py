@@ -30,6 +30,7 @@ from keras_carp.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import tiny_model, to_numpy
 from tests.keras_carp import recipe_rates
 from tests.reference import lowbias32
+from tests.view_reference import random_resized_crop_params
 
 pytestmark = [pytest.mark.core, pytest.mark.tensorflow_free]
 NUM_IMAGES = 1000  # per-view rates: binomial standard error <= 1.6 points at p = 0.5
@@ -51,26 +52,6 @@ def test_draws_are_a_hash_of_seed_step_image_crop_and_draw():
     np.testing.assert_allclose(draws, expected, atol=1e-7)
 
 
-def _torchvision_window(height, width, scale, ratio, u):
-    """torchvision's RandomResizedCrop.get_params with the uniforms ``u`` in place of torch.rand."""
-    area = height * width
-    for attempt in range(10):
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[attempt])
-        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[10 + attempt])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(u[20] * (height - h + 1)), int(u[21] * (width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 @pytest.mark.parametrize(
     "height, width, scale", [(200, 300, (0.2, 1.0)), (37, 500, (0.05, 0.2)), (20, 500, (0.5, 1.0)), (96, 96, (0.9, 1))]
 )
@@ -79,7 +60,7 @@ def test_crop_windows_are_torchvision_windows(height, width, scale):
     draws = np.random.default_rng(0).uniform(size=(500, 22)).astype("float32")
     heights, widths = np.full(500, height, "float32"), np.full(500, width, "float32")
     windows = np.stack([to_numpy(w) for w in crop_windows(heights, widths, scale, ratio, draws)], axis=1)
-    expected = np.array([_torchvision_window(height, width, scale, ratio, u.astype("float64")) for u in draws])
+    expected = np.array([random_resized_crop_params(height, width, scale, ratio, u.astype("float64")) for u in draws])
     # float32 versus float64 may round a width the other way at exactly .5: allow a rare one-pixel difference.
     assert np.mean(np.all(windows == expected, axis=1)) > 0.995
     np.testing.assert_allclose(windows, expected, atol=1)
