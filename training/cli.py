@@ -11,24 +11,96 @@ exit status 2) before any work. Booleans are spelled as carp-pretrain's:
 (``evaluate(EvalConfig(model="run/model.keras", knn_k=(20,)))``).
 
 Nothing here imports Keras or TensorFlow: ``--help`` and bad values answer at
-once; the commands call ``quiet_startup_logs`` (carp-pretrain's) afterwards.
+once; the commands (carp-pretrain too) call ``quiet_startup_logs`` afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import logging
 import sys
 import types
 import typing
 from typing import Any, NoReturn
 
-from training.pretrain import _boolean, _optional, quiet_startup_logs
+__all__ = [
+    "CommandConfig",
+    "Refused",
+    "build_parser",
+    "flag_name",
+    "optional_type",
+    "option",
+    "parse",
+    "parse_boolean",
+    "quiet_startup_logs",
+    "refuse",
+]
 
-__all__ = ["CommandConfig", "Refused", "build_parser", "flag_name", "option", "parse", "quiet_startup_logs", "refuse"]
-
-BOOLEAN_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")  # carp-pretrain's (training.pretrain._boolean)
+BOOLEAN_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")  # true words, then false words
 MISSING = dataclasses.MISSING
+
+
+def parse_boolean(text: str) -> bool:
+    """A boolean flag's value: one of ``BOOLEAN_WORDS`` (every command spells booleans ``--flag true|false``)."""
+    if text.lower() in BOOLEAN_WORDS[:4]:
+        return True
+    if text.lower() in BOOLEAN_WORDS[4:]:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def optional_type(kind: type):
+    """An argparse type for ``kind | None``: ``none`` (or nothing) is None."""
+
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _tensorflow_installed() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
+def quiet_startup_logs() -> None:
+    """Start-up without TensorFlow's C++ banner lines; warnings and errors still show.
+
+    TensorFlow writes its start-up lines (oneDNN, CUDA stubs, the CUDA probe of
+    a host without a GPU) before its logging is configured, so no setting
+    silences them: they are held back while it is imported and looks for GPUs,
+    and shown if that fails.
+    """
+    import os
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # e.g. "Assets written to" on every export
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
+    if "tensorflow" in sys.modules or not _tensorflow_installed():  # JAX/PyTorch machines may have none
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # CUDA's probe logs "failed call to cuInit" on CPU-only hosts
+        except Exception:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def option(
@@ -72,14 +144,14 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+def _unwrapoptional_type(annotation: Any) -> tuple[Any, bool]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(annotation) if a is not type(None)), True
     return annotation, False
 
 
 def _is_tuple(annotation: Any) -> bool:
-    return typing.get_origin(_unwrap_optional(annotation)[0]) is tuple
+    return typing.get_origin(_unwrapoptional_type(annotation)[0]) is tuple
 
 
 def _split(separator: str, kind: type):
@@ -100,7 +172,7 @@ class CommandConfig:
             value = getattr(self, spec.name)
             separator = spec.metadata.get("cli", {}).get("separator")
             if separator and isinstance(value, str):  # EvalConfig(datasets="cifar10,stl10")
-                kind = typing.get_args(_unwrap_optional(hints[spec.name])[0])[0]
+                kind = typing.get_args(_unwrapoptional_type(hints[spec.name])[0])[0]
                 value = _split(separator, kind)(value)
             elif isinstance(value, list) and _is_tuple(hints[spec.name]):
                 value = tuple(value)
@@ -148,7 +220,7 @@ def _add_field(parser: argparse.ArgumentParser, group, spec: dataclasses.Field, 
     help_text = spec.metadata["help"].replace("%", "%%")
     if not required and "default" not in help_text:  # else the help says what the default means
         help_text += f" (default: {_shown(spec.default)})"
-    kind, optional = _unwrap_optional(annotation)
+    kind, optional = _unwrapoptional_type(annotation)
     kwargs: dict = {"help": help_text, "choices": spec.metadata["choices"]}
     if typing.get_origin(kind) is tuple:
         items = typing.get_args(kind)
@@ -160,9 +232,9 @@ def _add_field(parser: argparse.ArgumentParser, group, spec: dataclasses.Field, 
         else:
             kwargs.update(type=item, nargs=len(items), metavar=cli["metavar"] or (item.__name__.upper(),) * len(items))
     elif kind is bool:
-        kwargs.update(type=_boolean, metavar="BOOL")
+        kwargs.update(type=parse_boolean, metavar="BOOL")
     else:
-        kwargs.update(type=_optional(kind) if optional and not cli["positional"] else kind)
+        kwargs.update(type=optional_type(kind) if optional and not cli["positional"] else kind)
     if cli["metavar"] and "metavar" not in kwargs:
         kwargs["metavar"] = cli["metavar"]
     target = group or parser

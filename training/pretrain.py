@@ -16,33 +16,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import sys
 import types
 import typing
 
+from training.cli import optional_type, parse_boolean, quiet_startup_logs
 from training.config import SECTIONS, PretrainConfig, available_presets, load_preset
 from training.run import run
 
 __all__ = ["available_presets", "build_parser", "load_preset", "main", "parse_config", "run"]
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _optional(kind: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _add_field(group, spec: dataclasses.Field, annotation, default) -> None:
@@ -56,11 +40,11 @@ def _add_field(group, spec: dataclasses.Field, annotation, default) -> None:
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kind = next(a for a in args if a is not type(None))
-        kwargs.update(type=_optional(kind), metavar=kind.__name__.upper())
+        kwargs.update(type=optional_type(kind), metavar=kind.__name__.upper())
     elif typing.get_origin(annotation) is tuple:
         kwargs.update(type=args[0], nargs=len(args), metavar=tuple(f"{args[0].__name__.upper()}" for _ in args))
     elif annotation is bool:
-        kwargs.update(type=_boolean, metavar="BOOL")
+        kwargs.update(type=parse_boolean, metavar="BOOL")
     else:
         kwargs.update(type=annotation)
     group.add_argument("--" + spec.name.replace("_", "-"), **kwargs)
@@ -117,48 +101,6 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
         print(json.dumps(config.to_dict(), indent=2))
         raise SystemExit(0)
     return config
-
-
-def _tensorflow_installed() -> bool:
-    try:
-        return importlib.util.find_spec("tensorflow") is not None
-    except ImportError:  # an import hook that refuses it
-        return False
-
-
-def quiet_startup_logs() -> None:
-    """Start-up without TensorFlow's C++ banner lines; warnings and errors still show.
-
-    TensorFlow writes its start-up lines (oneDNN, CUDA stubs, the CUDA probe of
-    a host without a GPU) before its logging is configured, so no setting
-    silences them: they are held back while it is imported and looks for GPUs,
-    and shown if that fails.
-    """
-    import os
-    import tempfile
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # e.g. "Assets written to" on every export
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
-    if "tensorflow" in sys.modules or not _tensorflow_installed():  # JAX/PyTorch machines may have none
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")  # CUDA's probe logs "failed call to cuInit" on CPU-only hosts
-        except Exception:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
